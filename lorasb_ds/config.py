@@ -1,0 +1,324 @@
+"""Run configuration: dataclasses, YAML files, ``key.sub=value`` overrides, validation.
+
+Two files describe a run:
+
+* the **run config** (YAML, this module): model, LoRA-SB settings, data, optimizer and schedule;
+* the **DeepSpeed config** (JSON, ``--ds_config``): batch sizes, ZeRO stage, precision, monitoring.
+
+Each setting lives in exactly one of them. The optimizer and the learning-rate schedule belong to the
+run config (only the r x r matrices are trained, so the optimizer is built here, not by DeepSpeed);
+batch sizes belong to the DeepSpeed config. Everything is checked before any model is loaded, and
+every error names the setting and how to fix it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class ConfigError(ValueError):
+    """A run or DeepSpeed configuration that cannot work; the message names the field and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str | None = None
+    """Hub name or local directory for ``AutoModelForCausalLM.from_pretrained``; empty: built-in tiny Llama."""
+    gradient_checkpointing: bool = False
+    """Non-reentrant activation checkpointing of the decoder layers."""
+    trust_remote_code: bool = False
+
+
+@dataclass
+class LoraSBConfig:
+    r: int = 16
+    """Rank: B is out x r, A is r x in, the trained R is r x r."""
+    target_modules: list[str] = field(default_factory=lambda: list(LLAMA_TARGETS))
+    """Module-name suffixes to wrap (``q_proj`` matches ``model.layers.0.self_attn.q_proj``)."""
+    dropout: float = 0.0
+    """Dropout on the adapter's input (the base path never sees it)."""
+    update: str = "sign"
+    """Approximation of the first full fine-tuning update: ``sign`` (-lr_eff*sign(G), Adam's first
+    step) or ``sgd`` (-lr_eff*G)."""
+    lr_eff: float | None = None
+    """Step size of that first update. Empty: ``train.lr / warmup_steps``, the learning rate of the
+    first warm-up step of this run. The value used is recorded in the init file."""
+    est_samples: int = 50
+    """Training samples whose gradient is summed for the estimate (reference: 50 for math)."""
+    est_micro_batch: int = 3
+    """Micro-batch size of the estimation pass, per rank."""
+    svd: str = "randomized"
+    """``randomized`` (torch.svd_lowrank) or ``exact`` (torch.linalg.svd)."""
+    svd_oversample: int = 16
+    """Extra columns of the randomized sketch beyond r."""
+    svd_niter: int = 10
+    """Power iterations of the randomized SVD."""
+
+
+@dataclass
+class DataConfig:
+    path: str | None = None
+    """Local ``.json``/``.jsonl`` file with query/response columns; empty: built-in synthetic math."""
+    builtin_size: int = 2000
+    """Number of rows of the built-in synthetic dataset."""
+    query_field: str = "query"
+    response_field: str = "response"
+    prompt_template: str = "alpaca"
+    """``alpaca`` (the MetaMathQA/GSM8K prompt) or ``plain`` (the query as is)."""
+    max_length: int = 512
+    """Longest tokenized sample; longer ones are truncated and counted."""
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 2e-3
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_ratio: float = 0.02
+    schedule: str = "cosine"
+    """``cosine``, ``linear`` (both decay to 0 after warm-up) or ``constant``."""
+    epochs: int = 1
+    max_steps: int = 0
+    """Optimizer steps to run; 0: as many as ``epochs`` passes over the data give."""
+    log_every: int = 1
+    seed: int = 42
+    output_dir: str = "outputs/run"
+    init_file: str | None = None
+    """An init file of an earlier run: reuse its B, A, R and skip the estimation pass."""
+    dist_timeout_minutes: float = 30.0
+    """Timeout of every collective (raise it for very long model loads or SVDs)."""
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lorasb: LoraSBConfig = field(default_factory=LoraSBConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _coerce(value: Any, current: Any, key: str) -> Any:
+    """Give ``value`` the type of the field's default ``current`` where that is unambiguous."""
+    if isinstance(current, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(current, int) and not isinstance(current, bool):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if isinstance(current, float) and not isinstance(value, float):
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if isinstance(current, (list, tuple)):
+        if isinstance(value, str):
+            value = [v for v in value.replace(",", " ").split() if v]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return type(current)(value)
+    if isinstance(current, str) and value is not None and not isinstance(value, str):
+        return str(value)
+    return value
+
+
+def _apply(section: Any, values: dict[str, Any], prefix: str) -> None:
+    names = {f.name for f in dataclasses.fields(section)}
+    for key, value in values.items():
+        path = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"unknown setting '{path}'; valid keys here: {', '.join(sorted(names))}")
+        current = getattr(section, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"'{path}' is a section: give it a mapping, not {value!r}")
+            _apply(current, value, f"{path}.")
+        else:
+            setattr(section, key, _coerce(value, current, path))
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """``"lorasb.r=32"`` -> ``{"lorasb": {"r": 32}}``; the value is read as YAML (numbers, lists, null)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like section.key=value (e.g. lorasb.r=32)")
+    dotted, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else None
+    nested: dict[str, Any] = value
+    for part in reversed(dotted.strip().split(".")):
+        nested = {part: nested}
+    return nested
+
+
+def load_run_config(path: str | None = None, overrides: list[str] = ()) -> RunConfig:
+    """Defaults, then the YAML file, then each override in order; validated."""
+    cfg = RunConfig()
+    if path:
+        if not os.path.isfile(path):
+            raise ConfigError(f"--config: no such file '{path}'")
+        with open(path) as f:
+            try:
+                values = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"--config {path} is not valid YAML: {e}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"--config {path}: expected a mapping of sections at the top level")
+        _apply(cfg, values, "")
+    for text in overrides:
+        _apply(cfg, parse_override(text), "")
+    validate_run_config(cfg)
+    return cfg
+
+
+def validate_run_config(cfg: RunConfig) -> None:
+    s, t, d = cfg.lorasb, cfg.train, cfg.data
+    checks = [
+        (s.r > 0, f"lorasb.r must be a positive integer, got {s.r}"),
+        (len(s.target_modules) > 0, "lorasb.target_modules is empty: name at least one module suffix"),
+        (0.0 <= s.dropout < 1.0, f"lorasb.dropout must be in [0, 1), got {s.dropout}"),
+        (s.update in ("sign", "sgd"), f"lorasb.update must be 'sign' or 'sgd', got '{s.update}'"),
+        (s.lr_eff is None or s.lr_eff > 0, f"lorasb.lr_eff must be positive or empty, got {s.lr_eff}"),
+        (s.est_samples > 0, f"lorasb.est_samples must be at least 1, got {s.est_samples}"),
+        (s.est_micro_batch > 0, f"lorasb.est_micro_batch must be at least 1, got {s.est_micro_batch}"),
+        (s.svd in ("randomized", "exact"), f"lorasb.svd must be 'randomized' or 'exact', got '{s.svd}'"),
+        (s.svd_oversample >= 0, f"lorasb.svd_oversample must be >= 0, got {s.svd_oversample}"),
+        (s.svd_niter >= 0, f"lorasb.svd_niter must be >= 0, got {s.svd_niter}"),
+        (d.prompt_template in ("alpaca", "plain"),
+         f"data.prompt_template must be 'alpaca' or 'plain', got '{d.prompt_template}'"),
+        (d.max_length >= 8, f"data.max_length must be at least 8, got {d.max_length}"),
+        (d.builtin_size > 0, f"data.builtin_size must be positive, got {d.builtin_size}"),
+        (t.lr > 0, f"train.lr must be positive, got {t.lr}"),
+        (t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}"),
+        (0.0 <= t.warmup_ratio < 1.0, f"train.warmup_ratio must be in [0, 1), got {t.warmup_ratio}"),
+        (t.schedule in ("cosine", "linear", "constant"),
+         f"train.schedule must be 'cosine', 'linear' or 'constant', got '{t.schedule}'"),
+        (t.epochs >= 1, f"train.epochs must be at least 1, got {t.epochs}"),
+        (t.max_steps >= 0, f"train.max_steps must be >= 0 (0: run the epochs), got {t.max_steps}"),
+        (t.log_every >= 1, f"train.log_every must be at least 1, got {t.log_every}"),
+        (t.dist_timeout_minutes > 0, f"train.dist_timeout_minutes must be positive"),
+        (bool(t.output_dir), "train.output_dir is empty: name a directory for the run's outputs"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    if t.init_file and not os.path.isfile(t.init_file):
+        raise ConfigError(f"train.init_file: no such file '{t.init_file}'")
+    if d.path and not os.path.exists(d.path):
+        raise ConfigError(f"data.path: no such file '{d.path}'")
+
+
+# --------------------------------------------------------------------------- DeepSpeed config
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """The DeepSpeed batch-size triple resolved against the real world size."""
+
+    micro_batch: int
+    grad_accum: int
+    global_batch: int
+    world_size: int
+
+
+def _find_auto(node: Any, path: str = "") -> str | None:
+    if isinstance(node, dict):
+        for k, v in node.items():
+            found = _find_auto(v, f"{path}.{k}" if path else k)
+            if found:
+                return found
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            found = _find_auto(v, f"{path}[{i}]")
+            if found:
+                return found
+    elif node == "auto":
+        return path
+    return None
+
+
+def load_ds_config(path: str) -> dict[str, Any]:
+    """Read the DeepSpeed JSON and reject what this tool cannot honour, before any heavy work."""
+    if not path:
+        raise ConfigError("--ds_config is required (e.g. --ds_config ds_configs/zero3.json)")
+    if not os.path.isfile(path):
+        raise ConfigError(f"--ds_config: no such file '{path}'")
+    with open(path) as f:
+        try:
+            ds = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"--ds_config {path} is not valid JSON: {e}") from None
+    if not isinstance(ds, dict):
+        raise ConfigError(f"--ds_config {path}: expected a JSON object")
+    auto = _find_auto(ds)
+    if auto:
+        raise ConfigError(
+            f"--ds_config {path}: '{auto}' is \"auto\"; only the HF Trainer resolves \"auto\", "
+            "give a concrete value"
+        )
+    for block in ("optimizer", "scheduler"):
+        if block in ds:
+            raise ConfigError(
+                f"--ds_config {path}: remove the '{block}' block; the optimizer over the R matrices "
+                "and its schedule are set in the run config (train.lr, train.schedule, ...)"
+            )
+    if ds.get("fp16", {}).get("enabled") and ds.get("bf16", {}).get("enabled"):
+        raise ConfigError(f"--ds_config {path}: fp16.enabled and bf16.enabled are both true; pick one")
+    return ds
+
+
+def check_precision(ds: dict[str, Any], accelerator_name: str) -> None:
+    if ds.get("fp16", {}).get("enabled") and accelerator_name == "cpu":
+        raise ConfigError(
+            "--ds_config: fp16.enabled is true but the accelerator is the CPU, which has no fp16 "
+            "training; use bf16.enabled or fp32"
+        )
+
+
+def resolve_batch_layout(ds: dict[str, Any], world_size: int) -> BatchLayout:
+    """Check train_batch_size == micro_batch * grad_accum * world_size, filling at most one gap."""
+    tbs = ds.get("train_batch_size")
+    mb = ds.get("train_micro_batch_size_per_gpu")
+    ga = ds.get("gradient_accumulation_steps")
+    for name, v in (("train_batch_size", tbs), ("train_micro_batch_size_per_gpu", mb),
+                    ("gradient_accumulation_steps", ga)):
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise ConfigError(f"--ds_config: {name} must be a positive integer, got {v!r}")
+    if mb is None and tbs is None:
+        raise ConfigError("--ds_config: set train_micro_batch_size_per_gpu (and optionally "
+                          "gradient_accumulation_steps / train_batch_size)")
+    if mb is None:
+        ga = ga or 1
+        if tbs % (ga * world_size):
+            raise ConfigError(f"--ds_config: train_batch_size {tbs} is not divisible by "
+                              f"gradient_accumulation_steps {ga} x world size {world_size}")
+        mb = tbs // (ga * world_size)
+    if ga is None:
+        if tbs is None:
+            ga = 1
+        elif tbs % (mb * world_size):
+            raise ConfigError(f"--ds_config: train_batch_size {tbs} is not divisible by "
+                              f"train_micro_batch_size_per_gpu {mb} x world size {world_size}")
+        else:
+            ga = tbs // (mb * world_size)
+    if tbs is None:
+        tbs = mb * ga * world_size
+    if tbs != mb * ga * world_size:
+        raise ConfigError(
+            f"--ds_config: train_batch_size {tbs} != train_micro_batch_size_per_gpu {mb} x "
+            f"gradient_accumulation_steps {ga} x world size {world_size} (= {mb * ga * world_size}); "
+            "fix one of the three or drop train_batch_size to let it follow"
+        )
+    return BatchLayout(micro_batch=mb, grad_accum=ga, global_batch=tbs, world_size=world_size)

@@ -1,0 +1,141 @@
+"""Distributed estimation of the summed weight gradient G of every target Linear.
+
+LoRA-SB needs, per target ``W0`` (out x in), the gradient of the training loss with respect to ``W0``
+over a few estimation batches. Under ZeRO-3 ``W0`` is frozen and partitioned: DeepSpeed keeps no
+gradient for it, and making it trainable would cost an fp32 master and a gradient partition for the
+whole model. Instead every ``LoRASBLinear`` gets a *gradient tap* on its base output for the duration
+of the pass: an autograd function that is the identity in forward and, in backward, turns the
+output gradient ``g`` (tokens x out) and the saved input ``x`` (tokens x in) into the local weight
+gradient ``g^T x`` (out x in, fp32). The base Linear is still called normally, so ZeRO-3 gathers and
+releases ``W0`` as usual.
+
+Which rank does what:
+
+* Each module has one **owner** rank (``assign_owners``: balanced by out * in, deterministic).
+* Every rank runs the same number of micro-batches (a rank short of data runs zero-weight passes).
+* As each module's local gradient appears in backward, it is reduced to the owner (``dist.reduce``);
+  only the owner keeps an fp32 accumulator for the module. No rank ever holds every module's
+  gradient: per rank the memory is its own accumulators plus a few gradients in flight.
+
+``G`` is the gradient of the mean of the micro-batch losses (each the mean token loss of its
+micro-batch) over all real micro-batches of all ranks.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .layer import LoRASBLinear
+
+
+def assign_owners(shapes: dict[str, tuple[int, int]], world_size: int) -> dict[str, int]:
+    """Greedy longest-first assignment of modules to ranks by out * in; ties go to the lower rank.
+
+    The same on every rank (a pure function of the module shapes and the world size).
+    """
+    load = [0] * world_size
+    owners: dict[str, int] = {}
+    names = list(shapes)
+    size = {n: shapes[n][0] * shapes[n][1] for n in names}
+    for name in sorted(names, key=lambda n: -size[n]):  # stable: equal sizes keep model order
+        rank = min(range(world_size), key=lambda k: (load[k], k))
+        owners[name] = rank
+        load[rank] += size[name]
+    return {name: owners[name] for name in names}
+
+
+class _WeightGradTap(torch.autograd.Function):
+    """Identity on ``y``; in backward hands ``(g, x)`` to ``sink`` and passes ``g`` through."""
+
+    @staticmethod
+    def forward(ctx, y, x, sink):
+        ctx.save_for_backward(x)
+        ctx.sink = sink
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        ctx.sink(g, x)
+        return g, None, None
+
+
+class OwnerReducer:
+    """Receives local weight gradients during backward and reduces each to its module's owner.
+
+    Up to ``max_in_flight`` reductions run asynchronously while backward goes on; ``drain`` waits for
+    the rest. Every rank issues the reductions in the same (backward) order.
+    """
+
+    def __init__(self, layers: dict[str, LoRASBLinear], owners: dict[str, int], rank: int,
+                 device: torch.device, max_in_flight: int = 2):
+        self.owners, self.rank, self.max_in_flight = owners, rank, max_in_flight
+        self.grads: dict[str, torch.Tensor] = {
+            name: torch.zeros(layer.out_features, layer.in_features, dtype=torch.float32, device=device)
+            for name, layer in layers.items() if owners[name] == rank
+        }
+        self._in_flight: deque = deque()
+
+    def sink_for(self, name: str):
+        def sink(g: torch.Tensor, x: torch.Tensor) -> None:
+            local = g.reshape(-1, g.shape[-1]).float().T @ x.reshape(-1, x.shape[-1]).float()
+            work = dist.reduce(local, dst=self.owners[name], async_op=True)
+            self._in_flight.append((name, local, work))
+            while len(self._in_flight) > self.max_in_flight:
+                self._finish_one()
+        return sink
+
+    def _finish_one(self) -> None:
+        name, local, work = self._in_flight.popleft()
+        work.wait()
+        if self.owners[name] == self.rank:
+            self.grads[name] += local
+
+    def drain(self) -> None:
+        while self._in_flight:
+            self._finish_one()
+
+
+@dataclass
+class EstimationStats:
+    micro_batches_per_rank: int
+    seconds: float
+
+
+def estimate_gradients(model: torch.nn.Module, layers: dict[str, LoRASBLinear],
+                       batches: list[tuple[dict[str, torch.Tensor], float]], owners: dict[str, int],
+                       device: torch.device) -> tuple[dict[str, torch.Tensor], EstimationStats]:
+    """Sum of weight gradients, reduced to owners. Runs on every rank; collective.
+
+    ``batches``: this rank's micro-batches as ``(batch, weight)``; the loss of each is multiplied by
+    its weight (``1 / real micro-batches`` overall, 0 for a padding pass). Every rank must pass the
+    same number. ``model`` is the (ZeRO-3 hooked) module of an initialized engine.
+    Returns ``{name: G}`` (out x in, fp32) for the modules this rank owns.
+    """
+    rank = dist.get_rank()
+    reducer = OwnerReducer(layers, owners, rank, device)
+    for name, layer in layers.items():
+        sink = reducer.sink_for(name)
+        layer.probe = lambda y, x, _layer, sink=sink: _WeightGradTap.apply(y, x, sink)
+    # No parameter requires grad in the probed forward: let the graph start at the embeddings.
+    hook = model.get_input_embeddings().register_forward_hook(lambda m, i, out: out.requires_grad_(True))
+    was_training = model.training
+    model.train()
+    start = time.perf_counter()
+    try:
+        for batch, weight in batches:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            loss = model(**batch).loss * weight
+            loss.backward()
+            reducer.drain()
+    finally:
+        hook.remove()
+        for layer in layers.values():
+            layer.probe = None
+        model.train(was_training)
+    return reducer.grads, EstimationStats(len(batches), time.perf_counter() - start)

@@ -1,0 +1,177 @@
+"""From the estimated gradient to B, A, R: update approximation, truncated SVD, broadcast, init file.
+
+Per module, on its owner rank only:
+
+    dW = -lr_eff * sign(G)      (update = "sign": the first, bias-corrected Adam step)
+    dW = -lr_eff * G            (update = "sgd")
+    dW ~= U_r S_r V_r^T         (torch.svd_lowrank with q = r + oversample, or torch.linalg.svd)
+    B = U_r (out x r),  A = V_r^T (r x in),  R = diag(S_r) (r x r)
+
+so ``B R A`` is the best rank-r approximation of dW (exactly so with ``svd = "exact"``). W0 is left
+as it is. The captured energy ``sum(S_r^2) / ||dW||_F^2`` is kept as a diagnostic.
+
+Then every owner broadcasts its modules in one fixed order, so all ranks hold bitwise-identical
+B, A, R. The init file (safetensors, written once by rank 0) stores them with the run's metadata;
+B and A come from data and cannot be regenerated from a seed, so a run that is given an init file
+never repeats the estimation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import ConfigError, LoraSBConfig
+from .layer import LoRASBLinear
+
+INIT_FORMAT = "lorasb-init-v1"
+
+
+@dataclass
+class LayerInit:
+    B: torch.Tensor  # (out, r) fp32
+    A: torch.Tensor  # (r, in) fp32
+    R: torch.Tensor  # (r, r) fp32
+    energy: float  # sum(S_r^2) / ||dW||_F^2
+
+
+def update_from_gradient(G: torch.Tensor, update: str, lr_eff: float) -> torch.Tensor:
+    """The approximated first full fine-tuning step dW (out x in, fp32)."""
+    return -lr_eff * (torch.sign(G) if update == "sign" else G)
+
+
+def truncated_svd(dW: torch.Tensor, r: int, method: str, oversample: int, niter: int,
+                  seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-r ``U (out x r), S (r,), V (in x r)`` of dW; the randomized sketch is seeded."""
+    if method == "exact":
+        U, S, Vh = torch.linalg.svd(dW, full_matrices=False)
+        return U[:, :r], S[:r], Vh[:r].T
+    q = min(r + oversample, *dW.shape)
+    with torch.random.fork_rng(devices=[dW.device] if dW.device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        U, S, V = torch.svd_lowrank(dW, q=q, niter=niter)
+    return U[:, :r], S[:r], V[:, :r]
+
+
+def init_from_gradient(G: torch.Tensor, cfg: LoraSBConfig, lr_eff: float, seed: int) -> LayerInit:
+    """Owner-rank work for one module: dW, its truncated SVD, and B, A, R."""
+    dW = update_from_gradient(G.float(), cfg.update, lr_eff)
+    U, S, V = truncated_svd(dW, cfg.r, cfg.svd, cfg.svd_oversample, cfg.svd_niter, seed)
+    total = float(dW.square().sum())
+    energy = float(S.square().sum()) / total if total > 0 else 0.0
+    return LayerInit(B=U.contiguous(), A=V.T.contiguous(), R=torch.diag(S), energy=energy)
+
+
+def broadcast_inits(layers: dict[str, LoRASBLinear], local: dict[str, LayerInit], owners: dict[str, int],
+                    device: torch.device) -> dict[str, LayerInit]:
+    """Every rank ends with every module's init (CPU fp32), sent by its owner. Collective.
+
+    One broadcast per module, in the order of ``layers`` (the same on every rank).
+    """
+    rank = dist.get_rank()
+    result: dict[str, LayerInit] = {}
+    for name, layer in layers.items():
+        out_f, in_f, r = layer.out_features, layer.in_features, layer.r
+        sizes = [out_f * r, r * in_f, r * r, 1]
+        if owners[name] == rank:
+            mine = local[name]
+            flat = torch.cat([mine.B.flatten(), mine.A.flatten(), mine.R.flatten(),
+                              torch.tensor([mine.energy], device=mine.B.device)]).to(device)
+        else:
+            flat = torch.empty(sum(sizes), dtype=torch.float32, device=device)
+        dist.broadcast(flat, src=owners[name])
+        B, A, R, e = flat.cpu().split(sizes)
+        result[name] = LayerInit(B.view(out_f, r).clone(), A.view(r, in_f).clone(), R.view(r, r).clone(),
+                                 float(e))
+    return result
+
+
+@torch.no_grad()
+def apply_inits(layers: dict[str, LoRASBLinear], inits: dict[str, LayerInit]) -> None:
+    """Write B, A (buffers) and R (the trained parameter, fp32 master included) on every rank.
+
+    Collective under ZeRO-3: R may be partitioned, so it is gathered, set from rank 0 (all ranks hold
+    the same value) and re-partitioned; the optimizer's fp32 copy is set with
+    ``safe_set_full_fp32_param``, or training would start from the old value.
+    """
+    import deepspeed
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    for name, layer in layers.items():
+        layer.lora_B.copy_(inits[name].B.to(layer.lora_B))
+        layer.lora_A.copy_(inits[name].A.to(layer.lora_A))
+    params = [layer.lora_R for layer in layers.values()]
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+        for name, layer in layers.items():
+            layer.lora_R.copy_(inits[name].R.to(layer.lora_R))
+    for name, layer in layers.items():
+        safe_set_full_fp32_param(layer.lora_R, inits[name].R.to(layer.lora_R.device))
+
+
+# --------------------------------------------------------------------------- init file
+
+
+def new_init_id() -> str:
+    return uuid.uuid4().hex
+
+
+def save_init_file(path: str, inits: dict[str, LayerInit], metadata: dict) -> None:
+    """Atomically write B, A, R per module plus ``metadata`` (JSON) as safetensors. Rank 0 only."""
+    tensors = {}
+    for name, init in inits.items():
+        tensors[f"{name}.lora_B"] = init.B.contiguous()
+        tensors[f"{name}.lora_A"] = init.A.contiguous()
+        tensors[f"{name}.lora_R"] = init.R.contiguous()
+    meta = dict(metadata, format=INIT_FORMAT, energy={n: i.energy for n, i in inits.items()})
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    save_file(tensors, tmp, metadata={"lorasb": json.dumps(meta)})
+    os.replace(tmp, path)
+
+
+def read_init_metadata(path: str) -> dict:
+    with safe_open(path, framework="pt") as f:
+        raw = (f.metadata() or {}).get("lorasb")
+    if raw is None:
+        raise ConfigError(f"train.init_file {path} is not a LoRA-SB init file (no 'lorasb' metadata)")
+    meta = json.loads(raw)
+    if meta.get("format") != INIT_FORMAT:
+        raise ConfigError(f"train.init_file {path}: format {meta.get('format')!r}, expected {INIT_FORMAT}")
+    return meta
+
+
+def check_init_metadata(path: str, meta: dict, expected: dict) -> None:
+    """The init file must come from the same model, targets and rank as this run."""
+    for key, want in expected.items():
+        if meta.get(key) != want:
+            raise ConfigError(
+                f"train.init_file {path} was made for {key} = {meta.get(key)!r}, this run has {want!r}; "
+                "use an init file of this configuration or drop train.init_file to estimate anew"
+            )
+
+
+def load_init_file(path: str, layers: dict[str, LoRASBLinear]) -> tuple[dict[str, LayerInit], dict]:
+    """Read every module's B, A, R (CPU fp32); names and shapes checked against ``layers``."""
+    meta = read_init_metadata(path)
+    inits: dict[str, LayerInit] = {}
+    with safe_open(path, framework="pt") as f:
+        keys = set(f.keys())
+        wanted = {f"{n}.lora_{m}" for n in layers for m in "BAR"}
+        if keys != wanted:
+            extra, missing = sorted(keys - wanted)[:3], sorted(wanted - keys)[:3]
+            raise ConfigError(f"train.init_file {path} does not match this model's targets "
+                              f"(missing {missing}, unexpected {extra})")
+        for name, layer in layers.items():
+            B, A, R = (f.get_tensor(f"{name}.lora_{m}").float() for m in "BAR")
+            want = [(layer.out_features, layer.r), (layer.r, layer.in_features), (layer.r, layer.r)]
+            if [tuple(B.shape), tuple(A.shape), tuple(R.shape)] != want:
+                raise ConfigError(f"train.init_file {path}: shapes of '{name}' differ from this model's")
+            inits[name] = LayerInit(B, A, R, float(meta.get("energy", {}).get(name, float("nan"))))
+    return inits, meta

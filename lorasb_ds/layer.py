@@ -1,0 +1,95 @@
+"""The LoRA-SB linear layer.
+
+LoRA-SB (Ponkshe et al., "Initialization using Update Approximation is a Silver Bullet for Extremely
+Efficient Low-Rank Fine-Tuning", arXiv 2411.19557) adapts a frozen linear map ``W0`` (out x in) as
+
+    y = W0 x + b + s * B R A dropout(x),        s = 1
+
+with ``B`` (out x r) and ``A`` (r x in) frozen and only the small ``R`` (r x r) trained: r^2 trainable
+numbers per layer, whatever the layer's width. B, A and the initial R come from the truncated SVD of
+an approximation of the first full fine-tuning update ``dW`` (see ``init.py``):
+
+    dW ~= U_r S_r V_r^T,    B = U_r,  R = S_r,  A = V_r^T
+
+so at step 0 the adapter is the best rank-r approximation of that update. Because B has orthonormal
+columns and A orthonormal rows, the gradient of R is the full weight gradient projected onto the
+two subspaces, ``dL/dR = B^T (dL/dW) A^T``, and Adam on R needs no extra scaling (s = 1).
+
+Under ZeRO-3 the wrapped ``base`` Linear keeps its partitioned ``W0``: calling ``self.base(x)`` lets
+DeepSpeed gather and release it as for any module. ``R`` is the module's only parameter. ``B`` and
+``A`` are non-persistent buffers: DeepSpeed neither partitions nor gathers them (no traffic per step),
+they take no optimizer or gradient memory, and they are not written into checkpoints (they live in
+the init file, written once).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+class LoRASBLinear(nn.Module):
+    """``y = base(x) + B (R (A dropout(x)))`` for x of shape (..., in); y is (..., out).
+
+    ``probe`` is a callable set only during the estimation pass (see ``estimate.py``): the adapter
+    path is skipped and ``probe(y, x, self)`` may attach a gradient tap to the base output.
+    """
+
+    def __init__(self, base: nn.Linear, r: int, dropout: float = 0.0):
+        super().__init__()
+        out_features, in_features = shape_of(base)
+        self.base = base
+        self.r = r
+        dtype = base.weight.dtype
+        self.register_buffer("lora_B", torch.zeros(out_features, r, dtype=dtype), persistent=False)
+        self.register_buffer("lora_A", torch.zeros(r, in_features, dtype=dtype), persistent=False)
+        self.lora_R = nn.Parameter(torch.zeros(r, r, dtype=dtype))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.probe = None
+
+    @property
+    def in_features(self) -> int:
+        return self.lora_A.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.lora_B.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if self.probe is not None:
+            return self.probe(y, x, self)
+        h = self.dropout(x).to(self.lora_A.dtype) @ self.lora_A.T  # (..., r)
+        h = h @ self.lora_R.T  # (..., r)
+        return y + (h @ self.lora_B.T).to(y.dtype)  # (..., out)
+
+    def delta_weight(self, R: torch.Tensor | None = None) -> torch.Tensor:
+        """``s * B R A`` (out x in), the adapter as a dense weight update; R defaults to this module's."""
+        R = self.lora_R if R is None else R
+        return self.lora_B.float() @ R.float() @ self.lora_A.float()
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}"
+
+
+def shape_of(linear: nn.Linear) -> tuple[int, int]:
+    """(out, in) of a Linear whose weight may be a ZeRO-3 partition of shape (0,)."""
+    w = linear.weight
+    shape = getattr(w, "ds_shape", None) or w.shape
+    return int(shape[0]), int(shape[1])
+
+
+def merge(layer: LoRASBLinear, R: torch.Tensor | None = None) -> None:
+    """``W0 <- W0 + s B R A`` in place (unpartitioned weights only: gather first under ZeRO-3)."""
+    _add_to_base(layer, layer.delta_weight(R))
+
+
+def unmerge(layer: LoRASBLinear, R: torch.Tensor | None = None) -> None:
+    """Inverse of ``merge``: ``W0 <- W0 - s B R A``."""
+    _add_to_base(layer, -layer.delta_weight(R))
+
+
+@torch.no_grad()
+def _add_to_base(layer: LoRASBLinear, delta: torch.Tensor) -> None:
+    w = layer.base.weight
+    w.copy_((w.float() + delta).to(w.dtype))

@@ -1,0 +1,98 @@
+"""Model and tokenizer loading.
+
+* A named or local model goes through ``AutoModelForCausalLM.from_pretrained``. Under ZeRO-3 an
+  ``HfDeepSpeedConfig`` is kept alive while it loads, so transformers builds the model inside
+  ``deepspeed.zero.Init`` and every rank holds only its shard of each weight: no rank ever has a
+  full copy of the model in host memory.
+* With no model named, a built-in tiny Llama (about 0.9M parameters, fixed seed) and a character
+  tokenizer are built from code, so the whole pipeline runs on any machine with no download. It is
+  built unpartitioned (it is tiny) and partitioned by ``deepspeed.initialize``.
+"""
+
+from __future__ import annotations
+
+import os
+import string
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import PreTrainedTokenizerFast
+
+from .config import ConfigError, ModelConfig
+
+TINY_SEED = 1234
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """Character-level tokenizer over printable ASCII; ``<s>`` is prepended to every encoding."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    chars = [c for c in string.printable if c not in "\x0b\x0c\r"]
+    vocab = {t: i for i, t in enumerate(specials + chars)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+def tiny_llama_config(vocab_size: int = 128) -> LlamaConfig:
+    """4 layers, hidden 128, 4 query / 2 key-value heads (k/v projections are 64 wide)."""
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    )
+
+
+def tiny_llama(dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
+    """The built-in default model: same weights on every rank and every run (seeded)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SEED)
+        model = LlamaForCausalLM(tiny_llama_config())
+    return model.to(dtype)
+
+
+def load_tokenizer(cfg: ModelConfig):
+    if not cfg.name_or_path:
+        return tiny_tokenizer()
+    tok = AutoTokenizer.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def check_model_source(cfg: ModelConfig) -> None:
+    """A local-looking path that does not exist is a clear error, not a hub lookup."""
+    p = cfg.name_or_path
+    looks_local = p and (p.startswith((".", "/", "~")) or p.count("/") > 1)
+    if looks_local and not os.path.isdir(os.path.expanduser(p)):
+        raise ConfigError(f"model.name_or_path: no such directory '{p}'")
+
+
+def load_model(cfg: ModelConfig, ds_config: dict, dtype: torch.dtype) -> torch.nn.Module:
+    """The base model in ``dtype``; partitioned while loading when the DeepSpeed config is ZeRO-3."""
+    if not cfg.name_or_path:
+        return tiny_llama(dtype)
+    keep_alive = None
+    if ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        # transformers consults a global weak reference to this object inside from_pretrained.
+        keep_alive = HfDeepSpeedConfig(ds_config)  # noqa: F841
+    model = AutoModelForCausalLM.from_pretrained(
+        cfg.name_or_path, dtype=dtype, trust_remote_code=cfg.trust_remote_code
+    )
+    del keep_alive
+    return model

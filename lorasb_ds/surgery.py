@@ -1,0 +1,88 @@
+"""Model surgery: find the target Linears, check them, wrap them in ``LoRASBLinear``.
+
+Run before ``deepspeed.initialize`` (DeepSpeed hooks only the modules that exist then). Works on a
+ZeRO-3 model whose weights are already partitioned (shapes come from ``ds_shape``) and on a model on
+the ``meta`` device, which is how the targets are checked before any weight is loaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.nn as nn
+
+from .config import ConfigError
+from .layer import LoRASBLinear, shape_of
+
+
+def find_targets(model: nn.Module, target_modules: list[str], r: int) -> list[tuple[str, nn.Linear]]:
+    """Modules whose name ends with one of the suffixes, in model order; checked for type and rank."""
+    found: list[tuple[str, nn.Module]] = []
+    hits = {t: 0 for t in target_modules}
+    for name, module in model.named_modules():
+        for t in target_modules:
+            if name == t or name.endswith("." + t):
+                hits[t] += 1
+                found.append((name, module))
+                break
+    missing = [t for t, n in hits.items() if n == 0]
+    if missing:
+        linears = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        raise ConfigError(
+            f"lorasb.target_modules: {missing} match no module of this model; "
+            f"its Linear layers are named {linears}"
+        )
+    for name, module in found:
+        if isinstance(module, LoRASBLinear):
+            raise ConfigError(f"module '{name}' is already a LoRA-SB layer; wrap a model only once")
+        if type(module) is not nn.Linear:
+            raise ConfigError(
+                f"lorasb.target_modules: '{name}' is a {type(module).__name__}, not a torch.nn.Linear; "
+                "remove its suffix from the targets"
+            )
+        out_f, in_f = shape_of(module)
+        if r > min(out_f, in_f):
+            raise ConfigError(
+                f"lorasb.r = {r} exceeds min(out, in) = {min(out_f, in_f)} of '{name}' ({out_f} x {in_f}); "
+                f"lower lorasb.r to at most {min(out_f, in_f)} or drop that target"
+            )
+    return found
+
+
+def wrap_targets(model: nn.Module, target_modules: list[str], r: int,
+                 dropout: float = 0.0) -> dict[str, LoRASBLinear]:
+    """Freeze the whole model, replace every target by a ``LoRASBLinear``; returns {name: layer}."""
+    targets = find_targets(model, target_modules, r)
+    model.requires_grad_(False)
+    layers: dict[str, LoRASBLinear] = {}
+    for name, linear in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        layer = LoRASBLinear(linear, r, dropout)
+        setattr(parent, child, layer)
+        layers[name] = layer
+    return layers
+
+
+@dataclass(frozen=True)
+class ParameterCounts:
+    trainable: int
+    """Sum of r^2 over the wrapped layers: the only trained numbers."""
+    adapter_frozen: int
+    """B and A: sum of (out + in) * r."""
+    base: int
+    """Every parameter of the original model (frozen)."""
+
+    def describe(self) -> str:
+        total = self.trainable + self.adapter_frozen + self.base
+        return (f"trainable {self.trainable:,} ({100 * self.trainable / total:.4f}% of all) | "
+                f"frozen adapter (B, A) {self.adapter_frozen:,} | frozen base {self.base:,}")
+
+
+def count_parameters(model: nn.Module, layers: dict[str, LoRASBLinear]) -> ParameterCounts:
+    """Counts from full shapes, so they are right when ZeRO-3 holds only a shard on this rank."""
+    ours = {id(layer.lora_R) for layer in layers.values()}
+    base = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if id(p) not in ours)
+    trainable = sum(layer.r * layer.r for layer in layers.values())
+    adapter = sum((layer.in_features + layer.out_features) * layer.r for layer in layers.values())
+    return ParameterCounts(trainable=trainable, adapter_frozen=adapter, base=base)
