@@ -16,6 +16,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -112,43 +114,60 @@ class RunConfig:
 # --------------------------------------------------------------------------- loading
 
 
-def _coerce(value: Any, current: Any, key: str) -> Any:
-    """Give ``value`` the type of the field's default ``current`` where that is unambiguous."""
-    if isinstance(current, bool):
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check ``value`` against the field's type hint; numbers written as text ("1e-3") are read."""
+    optional = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{key} cannot be empty")
+    kind = next(a for a in typing.get_args(hint) if a is not type(None)) if optional else hint
+    origin = typing.get_origin(kind)
+    if kind is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{key}: expected true or false, got {value!r}")
         return value
-    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(current, int) and not isinstance(current, bool):
+    if kind is int:
         if not isinstance(value, int) or isinstance(value, bool):
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
-    if isinstance(current, float) and not isinstance(value, float):
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
-    if isinstance(current, (list, tuple)):
+        return value
+    if kind is float:
+        try:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if origin in (list, tuple):
         if isinstance(value, str):
             value = [v for v in value.replace(",", " ").split() if v]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
-        return type(current)(value)
-    if isinstance(current, str) and value is not None and not isinstance(value, str):
+        item = typing.get_args(kind)[0]
+        value = [_coerce(v, item, key) for v in value]
+        if origin is tuple and len(value) != len(typing.get_args(kind)):
+            raise ConfigError(f"{key}: expected {len(typing.get_args(kind))} values, got {len(value)}")
+        return origin(value)
+    if kind is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{key}: expected text, got {value!r}")
         return str(value)
     return value
 
 
 def _apply(section: Any, values: dict[str, Any], prefix: str) -> None:
-    names = {f.name for f in dataclasses.fields(section)}
+    hints = typing.get_type_hints(type(section))
     for key, value in values.items():
         path = f"{prefix}{key}"
-        if key not in names:
-            raise ConfigError(f"unknown setting '{path}'; valid keys here: {', '.join(sorted(names))}")
+        if key not in hints:
+            raise ConfigError(f"unknown setting '{path}'; valid keys here: {', '.join(sorted(hints))}")
         current = getattr(section, key)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
                 raise ConfigError(f"'{path}' is a section: give it a mapping, not {value!r}")
             _apply(current, value, f"{path}.")
         else:
-            setattr(section, key, _coerce(value, current, path))
+            setattr(section, key, _coerce(value, hints[key], path))
 
 
 def parse_override(text: str) -> dict[str, Any]:
@@ -208,7 +227,7 @@ def validate_run_config(cfg: RunConfig) -> None:
         (t.epochs >= 1, f"train.epochs must be at least 1, got {t.epochs}"),
         (t.max_steps >= 0, f"train.max_steps must be >= 0 (0: run the epochs), got {t.max_steps}"),
         (t.log_every >= 1, f"train.log_every must be at least 1, got {t.log_every}"),
-        (t.dist_timeout_minutes > 0, f"train.dist_timeout_minutes must be positive"),
+        (t.dist_timeout_minutes > 0, "train.dist_timeout_minutes must be positive"),
         (bool(t.output_dir), "train.output_dir is empty: name a directory for the run's outputs"),
     ]
     for ok, message in checks:

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .data import collate, estimation_batches
 from .layer import LoRASBLinear
 
 
@@ -99,6 +100,22 @@ class OwnerReducer:
     def drain(self) -> None:
         while self._in_flight:
             self._finish_one()
+
+
+def weighted_estimation_batches(examples: list[dict], num_samples: int, micro_batch: int, rank: int,
+                                world_size: int, seed: int, pad_token_id: int
+                                ) -> list[tuple[dict[str, torch.Tensor], float]]:
+    """This rank's estimation micro-batches as ``(batch, weight)``, the same count on every rank.
+
+    weight = 1 / (real micro-batches over all ranks), so the summed gradient is the mean of the
+    micro-batch gradients; a rank short of samples gets padding passes (example 0, weight 0).
+    """
+    def share(k: int) -> list[list[int]]:
+        return estimation_batches(num_samples, len(examples), micro_batch, k, world_size, seed)
+
+    real = sum(len(idx) > 0 for k in range(world_size) for idx in share(k))
+    return [(collate([examples[i] for i in (idx or [0])], pad_token_id), 1.0 / real if idx else 0.0)
+            for idx in share(rank)]
 
 
 @dataclass

@@ -23,13 +23,14 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from . import __version__
-from .config import ConfigError, RunConfig, check_precision, resolve_batch_layout
+from .config import BatchLayout, ConfigError, RunConfig, check_precision, resolve_batch_layout
 from .data import collate, estimation_batches, load_rows, tokenize_rows, train_batches
-from .estimate import assign_owners, estimate_gradients
-from .init import (apply_inits, broadcast_inits, check_init_metadata, init_from_gradient,
+from .estimate import EstimationStats, assign_owners, estimate_gradients, weighted_estimation_batches
+from .init import (LayerInit, apply_inits, broadcast_inits, check_init_metadata, init_from_gradient,
                    load_init_file, new_init_id, save_init_file)
 from .modeling import check_model_source, load_model, load_tokenizer, tiny_llama_config
-from .surgery import count_parameters, find_targets, wrap_targets
+from .layer import LoRASBLinear
+from .surgery import ParameterCounts, count_parameters, find_targets, wrap_targets
 
 INIT_FILE_NAME = "lorasb_init.safetensors"
 ADAPTER_FILE_NAME = "lorasb_adapter.safetensors"
@@ -107,7 +108,7 @@ class Logger:
 
     def __init__(self, engine, output_dir: str, rank: int):
         self.engine, self.rank = engine, rank
-        self.file = open(os.path.join(output_dir, "metrics.jsonl"), "a") if rank == 0 else None
+        self.file = open(os.path.join(output_dir, "metrics.jsonl"), "w") if rank == 0 else None
 
     def log(self, record: dict, tb: dict[str, float] | None = None) -> None:
         if self.rank != 0:
@@ -123,11 +124,30 @@ class Logger:
             self.file.close()
 
 
-def run(cfg: RunConfig, ds_config: dict) -> dict:
-    """The training run; returns its summary (also written to ``run_summary.json`` by rank 0)."""
+@dataclass
+class Session:
+    """Everything a run holds after set-up; the same fields on every rank."""
+
+    cfg: RunConfig
+    engine: object
+    scheduler: object
+    layers: dict[str, LoRASBLinear]
+    counts: ParameterCounts
+    tokenizer: object
+    examples: list[dict]
+    truncated: int
+    layout: BatchLayout
+    plan: Plan
+    rank: int
+    world: int
+    device: torch.device
+    owners: dict[str, int]
+
+
+def setup(cfg: RunConfig, ds_config: dict) -> Session:
+    """Check everything, start the process group, load data and model, wrap, build the engine."""
     import deepspeed
     from deepspeed.accelerator import get_accelerator
-    from deepspeed.utils import safe_get_full_fp32_param
 
     from .dist import init_distributed, world_size_from_env
 
@@ -150,13 +170,14 @@ def run(cfg: RunConfig, ds_config: dict) -> dict:
     rank, world, device = init_distributed(cfg.train.dist_timeout_minutes)
     if world != layout.world_size:  # an MPI launch announces its size only now
         layout = resolve_batch_layout(ds_config, world)
+        plan = make_plan(cfg, len(examples), layout.micro_batch, layout.grad_accum, world)
     if rank == 0:
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "run_config.json"), "w") as f:
             json.dump({"run": cfg.to_dict(), "deepspeed": ds_config}, f, indent=2)
     deepspeed.runtime.utils.set_random_seed(cfg.train.seed)
 
-    # ---- model, surgery, engine
+    # ---- model, surgery, engine (the optimizer sees the R matrices only)
     model = load_model(cfg.model, ds_config, model_dtype(ds_config))
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -164,7 +185,7 @@ def run(cfg: RunConfig, ds_config: dict) -> dict:
     counts = count_parameters(model, layers)
     r_params = [layer.lora_R for layer in layers.values()]
     t = cfg.train
-    engine, optimizer, _, scheduler = deepspeed.initialize(
+    engine, _, _, scheduler = deepspeed.initialize(
         model=model,
         model_parameters=r_params,
         optimizer=lambda params: torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), eps=t.eps,
@@ -173,98 +194,117 @@ def run(cfg: RunConfig, ds_config: dict) -> dict:
             opt, lr_lambda(t.schedule, plan.warmup_steps, plan.total_steps)),
         config=ds_config,
     )
-    logger = Logger(engine, out_dir, rank)
+    shapes = {name: (layer.out_features, layer.in_features) for name, layer in layers.items()}
     if rank == 0:
         print(f"[lorasb] world {world}, micro-batch {layout.micro_batch} x accumulation "
               f"{layout.grad_accum} -> global batch {layout.global_batch}; {len(examples)} samples "
               f"({truncated} truncated); {plan.total_steps} steps, warm-up {plan.warmup_steps}")
         print(f"[lorasb] {len(layers)} LoRA-SB layers, r={cfg.lorasb.r}: {counts.describe()}")
+    return Session(cfg, engine, scheduler, layers, counts, tokenizer, examples, truncated, layout, plan,
+                   rank, world, device, assign_owners(shapes, world))
 
-    # ---- B, A, R: from the init file, or estimated now
-    shapes = {name: (layer.out_features, layer.in_features) for name, layer in layers.items()}
-    owners = assign_owners(shapes, world)
-    est_stats = None
-    if cfg.train.init_file:
-        inits, init_meta = load_init_file(cfg.train.init_file, layers)
-        check_init_metadata(cfg.train.init_file, init_meta, init_metadata(cfg))
-        init_path = cfg.train.init_file
-    else:
-        per_rank = estimation_batches(cfg.lorasb.est_samples, len(examples), cfg.lorasb.est_micro_batch,
-                                      rank, world, cfg.train.seed)
-        real = sum(len(b) > 0 for k in range(world) for b in estimation_batches(
-            cfg.lorasb.est_samples, len(examples), cfg.lorasb.est_micro_batch, k, world, cfg.train.seed))
-        batches = [(collate([examples[i] for i in (idx or [0])], tokenizer.pad_token_id),
-                    1.0 / real if idx else 0.0) for idx in per_rank]
-        grads, est_stats = estimate_gradients(engine.module, layers, batches, owners, device)
-        t0 = time.perf_counter()
-        index = {name: i for i, name in enumerate(layers)}  # a per-module SVD seed, owner-independent
-        local = {name: init_from_gradient(G, cfg.lorasb, plan.lr_eff, cfg.train.seed + index[name])
-                 for name, G in grads.items()}
-        del grads
-        svd_seconds = time.perf_counter() - t0
-        inits = broadcast_inits(layers, local, owners, device)
-        init_meta = dict(
-            init_metadata(cfg), init_id=new_init_id(), update=cfg.lorasb.update, lr_eff=plan.lr_eff,
-            est_samples=cfg.lorasb.est_samples, est_micro_batch=cfg.lorasb.est_micro_batch,
-            svd=cfg.lorasb.svd, svd_oversample=cfg.lorasb.svd_oversample, svd_niter=cfg.lorasb.svd_niter,
-            seed=cfg.train.seed, world_size=world, owners=owners, versions=_versions(),
-        )
-        init_path = os.path.join(out_dir, INIT_FILE_NAME)
-        if rank == 0:
-            save_init_file(init_path, inits, init_meta)
-            print(f"[lorasb] estimation: {est_stats.micro_batches_per_rank} micro-batches per rank in "
-                  f"{est_stats.seconds:.2f}s, SVDs on this rank {svd_seconds:.2f}s, lr_eff {plan.lr_eff:.3g}")
-    apply_inits(layers, inits)
-    energies = {name: init.energy for name, init in inits.items()}
-    logger.log({"event": "init", "estimated": est_stats is not None, "init_file": init_path,
-                "lr_eff": init_meta.get("lr_eff"), "mean_energy": sum(energies.values()) / len(energies)},
-               tb={f"Estimation/energy/{n}": e for n, e in energies.items()})
 
-    # ---- the training loop
+def estimate_and_init(s: Session) -> tuple[dict[str, LayerInit], dict, EstimationStats]:
+    """The estimation pass, the owners' SVDs and the broadcast; rank 0 writes the init file."""
+    cfg = s.cfg
+    batches = weighted_estimation_batches(s.examples, cfg.lorasb.est_samples, cfg.lorasb.est_micro_batch,
+                                          s.rank, s.world, cfg.train.seed, s.tokenizer.pad_token_id)
+    grads, stats = estimate_gradients(s.engine.module, s.layers, batches, s.owners, s.device)
+    t0 = time.perf_counter()
+    index = {name: i for i, name in enumerate(s.layers)}  # a per-module SVD seed, owner-independent
+    local = {name: init_from_gradient(G, cfg.lorasb, s.plan.lr_eff, cfg.train.seed + index[name])
+             for name, G in grads.items()}
+    del grads
+    svd_seconds = time.perf_counter() - t0
+    inits = broadcast_inits(s.layers, local, s.owners, s.device)
+    meta = dict(
+        init_metadata(cfg), init_id=new_init_id(), update=cfg.lorasb.update, lr_eff=s.plan.lr_eff,
+        est_samples=cfg.lorasb.est_samples, est_micro_batch=cfg.lorasb.est_micro_batch,
+        svd=cfg.lorasb.svd, svd_oversample=cfg.lorasb.svd_oversample, svd_niter=cfg.lorasb.svd_niter,
+        seed=cfg.train.seed, world_size=s.world, owners=s.owners, versions=_versions(),
+    )
+    if s.rank == 0:
+        save_init_file(os.path.join(cfg.train.output_dir, INIT_FILE_NAME), inits, meta)
+        print(f"[lorasb] estimation: {stats.micro_batches_per_rank} micro-batches per rank in "
+              f"{stats.seconds:.2f}s, SVDs on rank 0 {svd_seconds:.2f}s, lr_eff {s.plan.lr_eff:.3g}")
+    return inits, meta, stats
+
+
+def train_loop(s: Session, logger: Logger) -> int:
+    """The optimizer steps over the R matrices; returns the number of steps taken."""
+    engine, t = s.engine, s.cfg.train
+    r_params = [layer.lora_R for layer in s.layers.values()]
     engine.train()
-    step, losses = 0, []
-    bar = tqdm(total=plan.total_steps, desc="train", disable=rank != 0)
-    epoch = 0
-    while step < plan.total_steps:
-        for idx in train_batches(len(examples), layout.micro_batch, rank, world, epoch, cfg.train.seed):
-            batch = {k: v.to(device) for k, v in collate([examples[i] for i in idx],
-                                                         tokenizer.pad_token_id).items()}
-            loss = engine(**batch).loss
+    step, epoch, losses = 0, 0, []
+    bar = tqdm(total=s.plan.total_steps, desc="train", disable=s.rank != 0)
+    while step < s.plan.total_steps:
+        for idx in train_batches(len(s.examples), s.layout.micro_batch, s.rank, s.world, epoch, t.seed):
+            batch = collate([s.examples[i] for i in idx], s.tokenizer.pad_token_id)
+            boundary = engine.is_gradient_accumulation_boundary()  # of this micro-batch
+            lr = s.scheduler.get_last_lr()[0]  # the rate this step uses
+            loss = engine(**{k: v.to(s.device) for k, v in batch.items()}).loss
             engine.backward(loss)
-            engine.step()
+            engine.step()  # an optimizer step at the boundary, gradient accumulation otherwise
             losses.append(loss.detach().float())
-            if not engine.is_gradient_accumulation_boundary():
+            if not boundary:
                 continue
             step += 1
             bar.update(1)
-            if step % t.log_every == 0 or step == plan.total_steps:
-                mean_loss = torch.stack(losses).mean().to(device)
+            if step % t.log_every == 0 or step == s.plan.total_steps:
+                mean_loss = torch.stack(losses).mean().to(s.device)
                 dist.all_reduce(mean_loss)
-                record = {"step": step, "loss": mean_loss.item() / world,
-                          "lr": scheduler.get_last_lr()[0] if step < plan.total_steps else 0.0,
+                record = {"step": step, "loss": mean_loss.item() / s.world,
+                          "lr": lr,
                           "grad_norm": _to_float(engine.get_global_grad_norm()),
                           "r_norm": r_norm(r_params)}
                 bar.set_postfix(loss=f"{record['loss']:.4f}")
                 logger.log(record, tb={f"Train/{k}": v for k, v in record.items() if k != "step"})
             losses = []
-            if step >= plan.total_steps:
+            if step >= s.plan.total_steps:
                 break
         epoch += 1
     bar.close()
+    return step
 
-    # ---- the adapter: R (fp32 master) per module + the init file
+
+def run(cfg: RunConfig, ds_config: dict) -> dict:
+    """The whole run; returns its summary (also written to ``run_summary.json`` by rank 0)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    s = setup(cfg, ds_config)
+    out_dir = cfg.train.output_dir
+    logger = Logger(s.engine, out_dir, s.rank)
+
+    # ---- B, A, R: from the init file, or estimated now
+    est_stats = None
+    if cfg.train.init_file:
+        inits, init_meta = load_init_file(cfg.train.init_file, s.layers)
+        check_init_metadata(cfg.train.init_file, init_meta, init_metadata(cfg))
+        init_path = cfg.train.init_file
+    else:
+        inits, init_meta, est_stats = estimate_and_init(s)
+        init_path = os.path.join(out_dir, INIT_FILE_NAME)
+    apply_inits(s.layers, inits)
+    energies = {name: init.energy for name, init in inits.items()}
+    logger.log({"event": "init", "estimated": est_stats is not None, "init_file": init_path,
+                "lr_eff": init_meta.get("lr_eff"), "mean_energy": sum(energies.values()) / len(energies)},
+               tb={f"Estimation/energy/{n}": e for n, e in energies.items()})
+
+    steps = train_loop(s, logger)
+
+    # ---- the adapter: R (fp32 master; gathered, so every rank takes part) + the init file
     final_R = {name: safe_get_full_fp32_param(layer.lora_R).detach().float().cpu().view(layer.r, layer.r)
-               for name, layer in layers.items()}
-    adapter_dir = os.path.join(out_dir, "adapter")
+               for name, layer in s.layers.items()}
     summary = {
-        "steps": step, "world_size": world, "global_batch": layout.global_batch,
+        "steps": steps, "world_size": s.world, "global_batch": s.layout.global_batch,
         "estimated": est_stats is not None,
         "estimation_seconds": est_stats.seconds if est_stats else None,
         "init_id": init_meta.get("init_id"), "lr_eff": init_meta.get("lr_eff"),
-        "trainable_parameters": counts.trainable, "frozen_adapter_parameters": counts.adapter_frozen,
-        "base_parameters": counts.base, "truncated_samples": truncated,
+        "trainable_parameters": s.counts.trainable, "frozen_adapter_parameters": s.counts.adapter_frozen,
+        "base_parameters": s.counts.base, "truncated_samples": s.truncated,
     }
-    if rank == 0:
+    if s.rank == 0:
+        adapter_dir = os.path.join(out_dir, "adapter")
         save_adapter(adapter_dir, final_R, init_path, init_meta)
         with open(os.path.join(out_dir, "run_summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
@@ -294,7 +334,7 @@ def r_norm(r_params: list[torch.nn.Parameter]) -> float:
     import deepspeed
 
     with deepspeed.zero.GatheredParameters(r_params):
-        return math.sqrt(sum(float(p.float().square().sum()) for p in r_params))
+        return math.sqrt(sum(float(p.detach().float().square().sum()) for p in r_params))
 
 
 def _to_float(x) -> float | None:

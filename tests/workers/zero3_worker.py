@@ -1,0 +1,91 @@
+"""Run by tests/test_zero3.py under ``torchrun``: one tiny LoRA-SB run on a real ZeRO-3 engine with
+every parameter partitioned, dumping what the test checks into ``OUT/rank{k}.safetensors`` and
+``OUT/rank{k}.json``.
+
+usage: torchrun --nproc_per_node N tests/workers/zero3_worker.py OUT SVD STEPS
+"""
+
+import json
+import os
+import sys
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+
+from lorasb_ds.config import load_run_config
+from lorasb_ds.estimate import estimate_gradients, weighted_estimation_batches
+from lorasb_ds.init import apply_inits, broadcast_inits, init_from_gradient
+from lorasb_ds.train import Logger, setup, train_loop
+
+out, svd, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
+cfg = load_run_config(None, [
+    f"train.output_dir={out}", "lorasb.r=8", "lorasb.est_samples=10", "lorasb.est_micro_batch=3",
+    f"lorasb.svd={svd}", "data.builtin_size=64", f"train.max_steps={steps}", "train.lr=1e-2",
+    "train.warmup_ratio=0.0",
+])
+ds_config = {
+    "train_micro_batch_size_per_gpu": 2,
+    "gradient_accumulation_steps": 2,
+    "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+    "steps_per_print": 10**9,
+}
+s = setup(cfg, ds_config)
+rank, names = s.rank, list(s.layers)
+base_weights = [layer.base.weight for layer in s.layers.values()]
+r_params = [layer.lora_R for layer in s.layers.values()]
+report = {"rank": rank, "world": s.world, "owners": s.owners}
+
+# ZeRO-3 really partitions W0 and R: this rank holds a flat slice, the parameter itself is empty.
+report["partitioned"] = [
+    {"name": n, "shape": list(p.shape), "ds_numel": p.ds_numel, "local": p.ds_tensor.numel()}
+    for n, p in zip(names + [n + ".R" for n in names], base_weights + r_params)
+]
+
+batches = weighted_estimation_batches(s.examples, cfg.lorasb.est_samples, cfg.lorasb.est_micro_batch,
+                                      rank, s.world, cfg.train.seed, s.tokenizer.pad_token_id)
+report["estimation_batches"] = [[int(x) for x in b["input_ids"].shape] + [w] for b, w in batches]
+grads, _ = estimate_gradients(s.engine.module, s.layers, batches, s.owners, s.device)
+local = {n: init_from_gradient(G, cfg.lorasb, s.plan.lr_eff, cfg.train.seed + names.index(n))
+         for n, G in grads.items()}
+inits = broadcast_inits(s.layers, local, s.owners, s.device)
+apply_inits(s.layers, inits)
+report["lr_eff"] = s.plan.lr_eff
+
+tensors = {f"G.{n}": G for n, G in grads.items()}
+for n, init in inits.items():
+    tensors.update({f"init.{n}.B": init.B, f"init.{n}.A": init.A, f"init.{n}.R": init.R})
+    tensors[f"init.{n}.energy"] = torch.tensor(init.energy)
+
+
+def snapshot(prefix):
+    with deepspeed.zero.GatheredParameters(base_weights + r_params):
+        for n, layer in s.layers.items():
+            tensors[f"{prefix}.{n}.W0"] = layer.base.weight.detach().clone()
+            tensors[f"{prefix}.{n}.R"] = layer.lora_R.detach().clone()
+            tensors[f"{prefix}.{n}.B"] = layer.lora_B.clone()
+            tensors[f"{prefix}.{n}.A"] = layer.lora_A.clone()
+
+
+snapshot("before")
+logger = Logger(s.engine, out, rank)
+train_loop(s, logger)
+logger.close()
+snapshot("after")
+
+# What the optimizer holds: its low-precision parameter groups and its fp32 state, counted over ranks.
+opt = s.engine.optimizer
+report["optimizer_params_are_R"] = (
+    {id(p) for group in opt.fp16_groups for p in group} == {id(p) for p in r_params})
+state = torch.tensor([sum(t.numel() for st in opt.optimizer.state.values() for t in st.values()
+                          if torch.is_tensor(t) and t.dim() > 0),
+                      sum(f.numel() for f in opt.fp32_partitioned_groups_flat)], dtype=torch.long)
+dist.all_reduce(state)
+report["adam_state_elements"], report["fp32_master_elements"] = state.tolist()
+report["r_elements"] = sum(layer.r ** 2 for layer in s.layers.values())
+
+save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, os.path.join(out, f"rank{rank}.safetensors"))
+with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+    json.dump(report, f)
+dist.barrier()
