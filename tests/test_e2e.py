@@ -1,0 +1,71 @@
+"""End to end through the real ``deepspeed`` runner: 2 CPU processes, ZeRO-3, the built-in default."""
+
+import json
+import os
+import sys
+
+import pytest
+from safetensors import safe_open
+
+from conftest import free_port, run_command
+
+pytestmark = pytest.mark.slow
+SMALL = ["train.max_steps=4", "data.builtin_size=200"]
+
+
+def deepspeed_train(out, *extra):
+    cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2",
+           "--master_port", str(free_port()), "launch/train.py", "--ds_config", "ds_configs/zero3.json",
+           "--output_dir", str(out), *SMALL, *extra]
+    return run_command(cmd)
+
+
+def metrics(out):
+    return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("e2e")
+    proc = deepspeed_train(out)
+    return out, proc
+
+
+def test_default_run_estimates_trains_and_writes_the_adapter(first_run):
+    out, proc = first_run
+    records = metrics(out)
+    assert records[0]["event"] == "init" and records[0]["estimated"] is True
+    steps = [r for r in records if "step" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    assert steps[-1]["loss"] < steps[0]["loss"]
+    summary = json.load(open(os.path.join(out, "run_summary.json")))
+    assert summary["world_size"] == 2 and summary["steps"] == 4
+    assert summary["trainable_parameters"] == 28 * 16 * 16
+    with safe_open(os.path.join(out, "adapter", "lorasb_adapter.safetensors"), "pt") as f:
+        meta = json.loads(f.metadata()["lorasb"])
+        assert len(list(f.keys())) == 28 and all(k.endswith(".lora_R") for k in f.keys())
+    with safe_open(os.path.join(out, "adapter", "lorasb_init.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()["lorasb"])["init_id"] == meta["init_id"]
+    assert "estimation:" in proc.stdout
+
+
+def test_tensorboard_has_training_and_estimation_scalars(first_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out, _ = first_run
+    acc = EventAccumulator(os.path.join(out, "tensorboard", "lorasb")).Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"Train/loss", "Train/lr", "Train/grad_norm", "Train/r_norm"} <= tags
+    assert sum(t.startswith("Estimation/energy/") for t in tags) == 28
+    assert len(acc.Scalars("Train/loss")) == 4
+
+
+def test_init_file_run_skips_estimation_and_gives_the_same_first_loss(first_run, tmp_path):
+    out, _ = first_run
+    proc = deepspeed_train(tmp_path, "--init_file", os.path.join(out, "lorasb_init.safetensors"))
+    assert "estimation:" not in proc.stdout
+    again = metrics(tmp_path)
+    assert again[0]["event"] == "init" and again[0]["estimated"] is False
+    first = [r["loss"] for r in metrics(out) if "step" in r]
+    second = [r["loss"] for r in again if "step" in r]
+    assert abs(first[0] - second[0]) <= 1e-6 * abs(first[0])
