@@ -117,12 +117,19 @@ class RunConfig:
 def _coerce(value: Any, hint: Any, key: str) -> Any:
     """Check ``value`` against the field's type hint; numbers written as text ("1e-3") are read."""
     optional = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    kind = next(a for a in typing.get_args(hint) if a is not type(None)) if optional else hint
+    origin = typing.get_origin(kind)
+    if isinstance(value, _OverrideText):  # command-line text: verbatim for text fields, else YAML
+        if kind is str and not (optional and value.strip() in ("", "null", "~")):
+            return str(value)
+        try:
+            value = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{key}: cannot read {str(value)!r}: {e.problem}") from None
     if value is None:
         if optional:
             return None
         raise ConfigError(f"{key} cannot be empty")
-    kind = next(a for a in typing.get_args(hint) if a is not type(None)) if optional else hint
-    origin = typing.get_origin(kind)
     if kind is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{key}: expected true or false, got {value!r}")
@@ -170,13 +177,17 @@ def _apply(section: Any, values: dict[str, Any], prefix: str) -> None:
             setattr(section, key, _coerce(value, hints[key], path))
 
 
+class _OverrideText(str):
+    """A value from the command line, read according to the type of the field it sets."""
+
+
 def parse_override(text: str) -> dict[str, Any]:
-    """``"lorasb.r=32"`` -> ``{"lorasb": {"r": 32}}``; the value is read as YAML (numbers, lists, null)."""
+    """``"lorasb.r=32"`` -> ``{"lorasb": {"r": "32"}}``. The value stays text until it meets its field:
+    text fields take it verbatim, others read it as YAML (numbers, lists, null)."""
     if "=" not in text:
         raise ConfigError(f"override '{text}' must look like section.key=value (e.g. lorasb.r=32)")
     dotted, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else None
-    nested: dict[str, Any] = value
+    nested: Any = _OverrideText(raw)
     for part in reversed(dotted.strip().split(".")):
         nested = {part: nested}
     return nested
@@ -221,6 +232,8 @@ def validate_run_config(cfg: RunConfig) -> None:
         (d.builtin_size > 0, f"data.builtin_size must be positive, got {d.builtin_size}"),
         (t.lr > 0, f"train.lr must be positive, got {t.lr}"),
         (t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}"),
+        (all(0.0 <= b < 1.0 for b in t.betas), f"train.betas must both be in [0, 1), got {list(t.betas)}"),
+        (t.eps > 0, f"train.eps must be positive, got {t.eps}"),
         (0.0 <= t.warmup_ratio < 1.0, f"train.warmup_ratio must be in [0, 1), got {t.warmup_ratio}"),
         (t.schedule in ("cosine", "linear", "constant"),
          f"train.schedule must be 'cosine', 'linear' or 'constant', got '{t.schedule}'"),
@@ -293,13 +306,25 @@ def load_ds_config(path: str) -> dict[str, Any]:
                 f"--ds_config {path}: remove the '{block}' block; the optimizer over the R matrices "
                 "and its schedule are set in the run config (train.lr, train.schedule, ...)"
             )
+    for block in ("fp16", "bf16", "zero_optimization", "tensorboard"):
+        if block in ds and not isinstance(ds[block], dict):
+            raise ConfigError(f"--ds_config {path}: '{block}' must be an object such as "
+                              f"{{\"enabled\": true}}, got {ds[block]!r}")
     if ds.get("fp16", {}).get("enabled") and ds.get("bf16", {}).get("enabled"):
         raise ConfigError(f"--ds_config {path}: fp16.enabled and bf16.enabled are both true; pick one")
     return ds
 
 
+def precision(ds: dict[str, Any]) -> str:
+    """``"bf16"``, ``"fp16"`` or ``"fp32"``, as the DeepSpeed config asks."""
+    for name in ("bf16", "fp16"):
+        if ds.get(name, {}).get("enabled"):
+            return name
+    return "fp32"
+
+
 def check_precision(ds: dict[str, Any], accelerator_name: str) -> None:
-    if ds.get("fp16", {}).get("enabled") and accelerator_name == "cpu":
+    if precision(ds) == "fp16" and accelerator_name == "cpu":
         raise ConfigError(
             "--ds_config: fp16.enabled is true but the accelerator is the CPU, which has no fp16 "
             "training; use bf16.enabled or fp32"

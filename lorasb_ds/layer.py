@@ -66,7 +66,8 @@ class LoRASBLinear(nn.Module):
     def delta_weight(self, R: torch.Tensor | None = None) -> torch.Tensor:
         """``s * B R A`` (out x in), the adapter as a dense weight update; R defaults to this module's."""
         R = self.lora_R if R is None else R
-        return self.lora_B.float() @ R.float() @ self.lora_A.float()
+        dtype = torch.promote_types(self.lora_B.dtype, torch.float32)  # fp32 at least, fp64 kept
+        return self.lora_B.to(dtype) @ R.to(dtype) @ self.lora_A.to(dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}"
@@ -79,11 +80,13 @@ def shape_of(linear: nn.Linear) -> tuple[int, int]:
     return int(shape[0]), int(shape[1])
 
 
+@torch.no_grad()
 def merge(layer: LoRASBLinear, R: torch.Tensor | None = None) -> None:
     """``W0 <- W0 + s B R A`` in place (unpartitioned weights only: gather first under ZeRO-3)."""
     _add_to_base(layer, layer.delta_weight(R))
 
 
+@torch.no_grad()
 def unmerge(layer: LoRASBLinear, R: torch.Tensor | None = None) -> None:
     """Inverse of ``merge``: ``W0 <- W0 - s B R A``."""
     _add_to_base(layer, -layer.delta_weight(R))
@@ -92,4 +95,4 @@ def unmerge(layer: LoRASBLinear, R: torch.Tensor | None = None) -> None:
 @torch.no_grad()
 def _add_to_base(layer: LoRASBLinear, delta: torch.Tensor) -> None:
     w = layer.base.weight
-    w.copy_((w.float() + delta).to(w.dtype))
+    w.copy_((w.to(delta.dtype) + delta).to(w.dtype))

@@ -20,11 +20,11 @@ def find_targets(model: nn.Module, target_modules: list[str], r: int) -> list[tu
     found: list[tuple[str, nn.Module]] = []
     hits = {t: 0 for t in target_modules}
     for name, module in model.named_modules():
-        for t in target_modules:
-            if name == t or name.endswith("." + t):
-                hits[t] += 1
-                found.append((name, module))
-                break
+        matched = [t for t in target_modules if name == t or name.endswith("." + t)]
+        for t in matched:
+            hits[t] += 1
+        if matched:
+            found.append((name, module))
     missing = [t for t, n in hits.items() if n == 0]
     if missing:
         linears = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})

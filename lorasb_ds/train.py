@@ -23,7 +23,8 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from . import __version__
-from .config import BatchLayout, ConfigError, RunConfig, check_precision, resolve_batch_layout
+from .config import (BatchLayout, ConfigError, RunConfig, check_precision, precision,
+                     resolve_batch_layout)
 from .data import collate, estimation_batches, load_rows, tokenize_rows, train_batches
 from .estimate import EstimationStats, assign_owners, estimate_gradients, weighted_estimation_batches
 from .init import (LayerInit, apply_inits, broadcast_inits, check_init_metadata, init_from_gradient,
@@ -53,11 +54,7 @@ def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
 
 
 def model_dtype(ds_config: dict) -> torch.dtype:
-    if ds_config.get("bf16", {}).get("enabled"):
-        return torch.bfloat16
-    if ds_config.get("fp16", {}).get("enabled"):
-        return torch.float16
-    return torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision(ds_config)]
 
 
 def check_targets_without_weights(cfg: RunConfig) -> None:

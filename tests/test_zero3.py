@@ -1,4 +1,5 @@
-"""The estimation and training phases on a real DeepSpeed ZeRO-3 engine (gloo, 1 and 2 processes).
+"""The estimation and training phases on a real DeepSpeed ZeRO-3 engine (gloo, 1 and 2 processes,
+with and without non-reentrant activation checkpointing).
 
 ``workers/zero3_worker.py`` runs a tiny LoRA-SB run with ``stage3_param_persistence_threshold: 0``
 (so every weight, R included, is really partitioned) and dumps its gradients, inits and snapshots;
@@ -23,11 +24,12 @@ WORKER = os.path.join(os.path.dirname(__file__), "workers", "zero3_worker.py")
 STEPS = 6
 
 
-@pytest.fixture(scope="module", params=[1, 2], ids=["world1", "world2"])
+@pytest.fixture(scope="module", params=[(1, False), (2, False), (2, True)],
+                ids=["world1", "world2", "world2-checkpointing"])
 def run(request, tmp_path_factory):
-    world = request.param
+    world, checkpointing = request.param
     out = tmp_path_factory.mktemp(f"zero3_w{world}")
-    torchrun(world, WORKER, str(out), "exact", str(STEPS))
+    torchrun(world, WORKER, str(out), "exact", str(STEPS), str(checkpointing).lower())
     ranks = [load_file(os.path.join(out, f"rank{k}.safetensors")) for k in range(world)]
     reports = [json.load(open(os.path.join(out, f"rank{k}.json"))) for k in range(world)]
     metrics = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]

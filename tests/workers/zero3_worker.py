@@ -2,7 +2,7 @@
 every parameter partitioned, dumping what the test checks into ``OUT/rank{k}.safetensors`` and
 ``OUT/rank{k}.json``.
 
-usage: torchrun --nproc_per_node N tests/workers/zero3_worker.py OUT SVD STEPS
+usage: torchrun --nproc_per_node N tests/workers/zero3_worker.py OUT SVD STEPS CHECKPOINTING
 """
 
 import json
@@ -19,11 +19,11 @@ from lorasb_ds.estimate import estimate_gradients, weighted_estimation_batches
 from lorasb_ds.init import apply_inits, broadcast_inits, init_from_gradient
 from lorasb_ds.train import Logger, setup, train_loop
 
-out, svd, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
+out, svd, steps, checkpointing = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 cfg = load_run_config(None, [
     f"train.output_dir={out}", "lorasb.r=8", "lorasb.est_samples=10", "lorasb.est_micro_batch=3",
     f"lorasb.svd={svd}", "data.builtin_size=64", f"train.max_steps={steps}", "train.lr=1e-2",
-    "train.warmup_ratio=0.0",
+    "train.warmup_ratio=0.0", f"model.gradient_checkpointing={checkpointing}",
 ])
 ds_config = {
     "train_micro_batch_size_per_gpu": 2,
