@@ -21,7 +21,7 @@ from lorasb_ds.train import Logger, setup, train_loop
 
 out, svd, steps, checkpointing = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 cfg = load_run_config(None, [
-    f"train.output_dir={out}", "lorasb.r=8", "lorasb.est_samples=10", "lorasb.est_micro_batch=3",
+    f"train.output_dir={out}", "lorasb.r=8", "lorasb.est_samples=7", "lorasb.est_micro_batch=3",
     f"lorasb.svd={svd}", "data.builtin_size=64", f"train.max_steps={steps}", "train.lr=1e-2",
     "train.warmup_ratio=0.0", f"model.gradient_checkpointing={checkpointing}",
 ])
