@@ -193,6 +193,14 @@ def parse_override(text: str) -> dict[str, Any]:
     return nested
 
 
+def run_config_from_dict(values: dict[str, Any]) -> RunConfig:
+    """A validated RunConfig from nested sections (as in ``run_config.json`` of a run)."""
+    cfg = RunConfig()
+    _apply(cfg, values, "")
+    validate_run_config(cfg)
+    return cfg
+
+
 def load_run_config(path: str | None = None, overrides: list[str] = ()) -> RunConfig:
     """Defaults, then the YAML file, then each override in order; validated."""
     cfg = RunConfig()

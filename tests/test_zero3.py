@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import torchrun
-from lorasb_ds.config import load_run_config
+from lorasb_ds.config import LoraSBConfig, run_config_from_dict
 from lorasb_ds.data import load_rows, tokenize_rows
 from lorasb_ds.estimate import weighted_estimation_batches
 from lorasb_ds.init import init_from_gradient
@@ -33,22 +33,16 @@ def run(request, tmp_path_factory):
     ranks = [load_file(os.path.join(out, f"rank{k}.safetensors")) for k in range(world)]
     reports = [json.load(open(os.path.join(out, f"rank{k}.json"))) for k in range(world)]
     metrics = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
-    return world, ranks, reports, metrics
-
-
-def worker_config():
-    """The run config the worker uses (kept in step with workers/zero3_worker.py)."""
-    return load_run_config(None, ["lorasb.r=8", "lorasb.est_samples=7", "lorasb.est_micro_batch=3",
-                                  "data.builtin_size=64"])
+    cfg = run_config_from_dict(json.load(open(os.path.join(out, "run_config.json")))["run"])
+    return world, ranks, reports, metrics, cfg
 
 
 def names_of(ranks):
     return sorted({k.split(".", 1)[1].rsplit(".", 1)[0] for k in ranks[0] if k.startswith("init.")})
 
 
-def reference_gradients(world: int) -> dict[str, torch.Tensor]:
+def reference_gradients(world: int, cfg) -> dict[str, torch.Tensor]:
     """Plain torch, one process: the same micro-batches and weights, W0 trainable, grads summed."""
-    cfg = worker_config()
     tok = tiny_tokenizer()
     examples, _ = tokenize_rows(load_rows(cfg.data, cfg.train.seed), tok, cfg.data)
     model = tiny_llama()
@@ -63,7 +57,7 @@ def reference_gradients(world: int) -> dict[str, torch.Tensor]:
 
 
 def test_parameters_are_really_partitioned(run):
-    world, _, reports, _ = run
+    world, _, reports, _, _ = run
     for report in reports:
         assert report["world"] == world
         for p in report["partitioned"]:
@@ -73,7 +67,7 @@ def test_parameters_are_really_partitioned(run):
 
 
 def test_every_rank_runs_the_same_number_of_estimation_micro_batches(run):
-    world, _, reports, _ = run
+    world, _, reports, _, _ = run
     counts = {len(r["estimation_batches"]) for r in reports}
     assert len(counts) == 1
     if world == 2:  # 7 samples in micro-batches of 3: rank 1 holds 3 and runs one padding pass
@@ -84,13 +78,13 @@ def test_every_rank_runs_the_same_number_of_estimation_micro_batches(run):
 
 
 def test_owner_sharded_gradient_equals_plain_torch(run):
-    world, ranks, reports, _ = run
+    world, ranks, reports, _, cfg = run
     owned = {}
     for k, tensors in enumerate(ranks):
         mine = {key[2:]: t for key, t in tensors.items() if key.startswith("G.")}
         assert set(mine) == {n for n, o in reports[k]["owners"].items() if o == k}  # only its own modules
         owned.update(mine)
-    ref = reference_gradients(world)
+    ref = reference_gradients(world, cfg)
     assert set(owned) == set(names_of(ranks)) and set(owned) <= set(ref)
     for name, G in owned.items():
         rel = float((G - ref[name]).norm() / ref[name].norm())
@@ -98,8 +92,8 @@ def test_owner_sharded_gradient_equals_plain_torch(run):
 
 
 def test_exact_svd_init_is_best_rank_r_of_sign_update(run):
-    world, ranks, reports, _ = run
-    lr_eff, r = reports[0]["lr_eff"], 8
+    world, ranks, reports, _, cfg = run
+    lr_eff, r = reports[0]["lr_eff"], cfg.lorasb.r
     G = {key[2:]: t for tensors in ranks for key, t in tensors.items() if key.startswith("G.")}
     for name, g in G.items():
         dW = -lr_eff * torch.sign(g)
@@ -113,7 +107,7 @@ def test_exact_svd_init_is_best_rank_r_of_sign_update(run):
 
 
 def test_inits_identical_on_all_ranks_and_orthonormal(run):
-    world, ranks, _, _ = run
+    world, ranks, _, _, _ = run
     for name in names_of(ranks):
         for part in "BAR":
             key = f"init.{name}.{part}"
@@ -126,7 +120,7 @@ def test_inits_identical_on_all_ranks_and_orthonormal(run):
 
 
 def test_engine_starts_from_the_init_and_trains_only_R(run):
-    world, ranks, reports, metrics = run
+    world, ranks, reports, metrics, _ = run
     t = ranks[0]
     for name in names_of(ranks):
         R0 = t[f"init.{name}.R"]
@@ -146,15 +140,15 @@ def test_engine_starts_from_the_init_and_trains_only_R(run):
 
 def test_default_randomized_svd_captures_the_exact_energy(run):
     """svd_lowrank with the default oversampling and iterations: >= 99.5% of the rank-r energy."""
-    world, ranks, reports, _ = run
-    cfg = worker_config()
-    assert cfg.lorasb.svd == "randomized"
+    world, ranks, reports, _, cfg = run
+    defaults = LoraSBConfig(r=cfg.lorasb.r)
+    assert defaults.svd == "randomized"
     lr_eff = reports[0]["lr_eff"]
     for key, G in ranks[0].items():
         if not key.startswith("G."):
             continue
-        init = init_from_gradient(G, cfg.lorasb, lr_eff, seed=0)
+        init = init_from_gradient(G, defaults, lr_eff, seed=0)
         dW = -lr_eff * torch.sign(G)
-        exact = float(torch.linalg.svdvals(dW)[: cfg.lorasb.r].square().sum())
+        exact = float(torch.linalg.svdvals(dW)[: defaults.r].square().sum())
         captured = float((init.B @ init.R @ init.A).square().sum())
         assert captured >= 0.995 * exact, (key, captured / exact)
