@@ -5,17 +5,19 @@ import os
 import sys
 
 import pytest
+import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 
-from conftest import free_port, run_command
+from conftest import REPO, free_port, run_command, torchrun
 
 pytestmark = pytest.mark.slow
 SMALL = ["train.max_steps=4", "data.builtin_size=200"]
 
 
-def deepspeed_train(out, *extra):
+def deepspeed_train(out, *extra, ds_config="ds_configs/zero3.json"):
     cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2",
-           "--master_port", str(free_port()), "launch/train.py", "--ds_config", "ds_configs/zero3.json",
+           "--master_port", str(free_port()), "launch/train.py", "--ds_config", ds_config,
            "--output_dir", str(out), *SMALL, *extra]
     return run_command(cmd)
 
@@ -69,3 +71,31 @@ def test_init_file_run_skips_estimation_and_gives_the_same_first_loss(first_run,
     first = [r["loss"] for r in metrics(out) if "step" in r]
     second = [r["loss"] for r in again if "step" in r]
     assert abs(first[0] - second[0]) <= 1e-6 * abs(first[0])
+
+
+def test_zero2_from_the_same_init_file_gives_the_same_first_loss(first_run, tmp_path):
+    out, _ = first_run
+    deepspeed_train(tmp_path, "--init_file", os.path.join(out, "lorasb_init.safetensors"),
+                    ds_config="ds_configs/zero2.json")
+    first = [r["loss"] for r in metrics(out) if "step" in r]
+    zero2 = [r["loss"] for r in metrics(tmp_path) if "step" in r]
+    assert abs(first[0] - zero2[0]) <= 1e-5 * abs(first[0])
+    assert zero2[-1] < zero2[0]
+
+
+def test_bf16_with_activation_checkpointing_trains_R(tmp_path):
+    """bf16 weights, non-reentrant checkpointing and a frozen base: R must still receive gradients."""
+    ds = json.load(open(os.path.join(REPO, "ds_configs", "zero3.json")))
+    ds["bf16"] = {"enabled": True}
+    ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    ds_path = tmp_path / "bf16.json"
+    ds_path.write_text(json.dumps(ds))
+    out = tmp_path / "run"
+    torchrun(2, "launch/train.py", "--ds_config", str(ds_path), "--output_dir", str(out), *SMALL,
+             "train.max_steps=3", "lorasb.est_samples=6", "model.gradient_checkpointing=true")
+    losses = [r["loss"] for r in metrics(out) if "step" in r]
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+    trained = load_file(os.path.join(out, "adapter", "lorasb_adapter.safetensors"))
+    init = load_file(os.path.join(out, "lorasb_init.safetensors"))
+    moved = [float((R - init[k]).norm()) for k, R in trained.items()]
+    assert len(moved) == 28 and all(m > 0 for m in moved)
