@@ -96,6 +96,14 @@ class TrainConfig:
     output_dir: str = "outputs/run"
     init_file: str | None = None
     """An init file of an earlier run: reuse its B, A, R and skip the estimation pass."""
+    save_every: int = 0
+    """Optimizer steps between checkpoints; 0: only at the end (and on preemption)."""
+    keep_last: int = 2
+    """Complete checkpoints to keep."""
+    resume: str | None = None
+    """``auto`` (the newest complete checkpoint of output_dir, if any) or a checkpoint directory."""
+    overwrite: bool = False
+    """Allow starting a new run in an output_dir that already holds one."""
     dist_timeout_minutes: float = 30.0
     """Timeout of every collective (raise it for very long model loads or SVDs)."""
 
@@ -248,6 +256,8 @@ def validate_run_config(cfg: RunConfig) -> None:
         (t.epochs >= 1, f"train.epochs must be at least 1, got {t.epochs}"),
         (t.max_steps >= 0, f"train.max_steps must be >= 0 (0: run the epochs), got {t.max_steps}"),
         (t.log_every >= 1, f"train.log_every must be at least 1, got {t.log_every}"),
+        (t.save_every >= 0, f"train.save_every must be >= 0 (0: only at the end), got {t.save_every}"),
+        (t.keep_last >= 1, f"train.keep_last must be at least 1, got {t.keep_last}"),
         (t.dist_timeout_minutes > 0, "train.dist_timeout_minutes must be positive"),
         (bool(t.output_dir), "train.output_dir is empty: name a directory for the run's outputs"),
     ]

@@ -13,28 +13,27 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
+import signal
 import time
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import save_file
 from tqdm import tqdm
 
-from . import __version__
+from . import __version__, checkpoint
+from .checkpoint import Position
 from .config import (BatchLayout, ConfigError, RunConfig, check_precision, precision,
                      resolve_batch_layout)
 from .data import collate, estimation_batches, load_rows, tokenize_rows, train_batches
 from .estimate import EstimationStats, assign_owners, estimate_gradients, weighted_estimation_batches
+from .export import INIT_FILE_NAME, save_adapter
 from .init import (LayerInit, apply_inits, broadcast_inits, check_init_metadata, init_from_gradient,
                    load_init_file, new_init_id, save_init_file)
 from .modeling import check_model_source, load_model, load_tokenizer, tiny_llama_config
 from .layer import LoRASBLinear
 from .surgery import ParameterCounts, count_parameters, find_targets, wrap_targets
 
-INIT_FILE_NAME = "lorasb_init.safetensors"
-ADAPTER_FILE_NAME = "lorasb_adapter.safetensors"
 
 
 def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
@@ -103,9 +102,10 @@ def init_metadata(cfg: RunConfig) -> dict:
 class Logger:
     """Rank 0 writes metrics to ``metrics.jsonl`` and to TensorBoard through ``engine.monitor``."""
 
-    def __init__(self, engine, output_dir: str, rank: int):
+    def __init__(self, engine, output_dir: str, rank: int, append: bool = False):
         self.engine, self.rank = engine, rank
-        self.file = open(os.path.join(output_dir, "metrics.jsonl"), "w") if rank == 0 else None
+        path = os.path.join(output_dir, "metrics.jsonl")
+        self.file = open(path, "a" if append else "w") if rank == 0 else None
 
     def log(self, record: dict, tb: dict[str, float] | None = None) -> None:
         if self.rank != 0:
@@ -227,16 +227,49 @@ def estimate_and_init(s: Session) -> tuple[dict[str, LayerInit], dict, Estimatio
     return inits, meta, stats
 
 
-def train_loop(s: Session, logger: Logger) -> int:
-    """The optimizer steps over the R matrices; returns the number of steps taken."""
+EXIT_PREEMPTED = 75
+"""Exit code of a run stopped by SIGTERM/SIGUSR1 after writing its checkpoint (resume with --resume auto)."""
+
+
+class PreemptionFlag:
+    """SIGTERM or SIGUSR1 (sent by Slurm before a time limit or preemption) ask the run to stop.
+
+    The handler only sets a flag; at each optimizer-step boundary every rank all-reduces it (MAX),
+    so all ranks agree to stop at the same step, checkpoint together and exit.
+    """
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def agreed(self, device: torch.device) -> bool:
+        flag = torch.tensor([int(self.requested)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def train_loop(s: Session, logger: Logger, position: Position | None = None,
+               save=None, preemption: PreemptionFlag | None = None) -> tuple[Position, bool]:
+    """The optimizer steps over the R matrices, from ``position`` to the plan's last step.
+
+    ``save(position)`` is called every ``train.save_every`` steps, at the end and on preemption.
+    Returns the final position and whether the run stopped early for preemption.
+    """
     engine, t = s.engine, s.cfg.train
     r_params = [layer.lora_R for layer in s.layers.values()]
+    pos = position or Position()
     engine.train()
-    step, epoch, losses = 0, 0, []
-    bar = tqdm(total=s.plan.total_steps, desc="train", disable=s.rank != 0)
-    while step < s.plan.total_steps:
-        for idx in train_batches(len(s.examples), s.layout.micro_batch, s.rank, s.world, epoch, t.seed):
-            batch = collate([s.examples[i] for i in idx], s.tokenizer.pad_token_id)
+    losses = []
+    bar = tqdm(total=s.plan.total_steps, initial=pos.step, desc="train", disable=s.rank != 0)
+    while pos.step < s.plan.total_steps:
+        epoch_batches = train_batches(len(s.examples), s.layout.micro_batch, s.rank, s.world, pos.epoch,
+                                      t.seed)
+        for i in range(pos.micro_batch, len(epoch_batches)):
+            batch = collate([s.examples[k] for k in epoch_batches[i]], s.tokenizer.pad_token_id)
             boundary = engine.is_gradient_accumulation_boundary()  # of this micro-batch
             lr = s.scheduler.get_last_lr()[0]  # the rate this step uses
             loss = engine(**{k: v.to(s.device) for k, v in batch.items()}).loss
@@ -245,32 +278,88 @@ def train_loop(s: Session, logger: Logger) -> int:
             losses.append(loss.detach().float())
             if not boundary:
                 continue
-            step += 1
+            pos.step += 1
+            pos.micro_batch = i + 1
             bar.update(1)
-            if step % t.log_every == 0 or step == s.plan.total_steps:
+            last = pos.step == s.plan.total_steps
+            if pos.step % t.log_every == 0 or last:
                 mean_loss = torch.stack(losses).mean().to(s.device)
                 dist.all_reduce(mean_loss)
-                record = {"step": step, "loss": mean_loss.item() / s.world,
-                          "lr": lr,
+                record = {"step": pos.step, "loss": mean_loss.item() / s.world, "lr": lr,
                           "grad_norm": _to_float(engine.get_global_grad_norm()),
                           "r_norm": r_norm(r_params)}
                 bar.set_postfix(loss=f"{record['loss']:.4f}")
                 logger.log(record, tb={f"Train/{k}": v for k, v in record.items() if k != "step"})
             losses = []
-            if step >= s.plan.total_steps:
-                break
-        epoch += 1
+            stop = preemption is not None and preemption.agreed(s.device)
+            if save is not None and (stop or last or (t.save_every and pos.step % t.save_every == 0)):
+                save(pos)
+            if stop or last:
+                bar.close()
+                return pos, stop
+        pos.epoch, pos.micro_batch = pos.epoch + 1, 0
     bar.close()
-    return step
+    return pos, False
+
+
+def check_output_dir(cfg: RunConfig) -> None:
+    """The output directory must be writable and must not hold another run (unless told)."""
+    out = cfg.train.output_dir
+    try:
+        os.makedirs(out, exist_ok=True)
+        probe = os.path.join(out, f".write-test-{os.getpid()}")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(f"train.output_dir '{out}' is not writable: {e.strerror}; choose another") from None
+    if os.path.exists(os.path.join(out, "run_config.json")) and not (cfg.train.resume or cfg.train.overwrite):
+        raise ConfigError(f"train.output_dir '{out}' already holds a run; continue it with --resume auto, "
+                          "start over with --overwrite, or choose another directory")
+
+
+def resume_point(cfg: RunConfig) -> tuple[str | None, dict | None]:
+    """The checkpoint to resume from and its marker, checked against this run's configuration."""
+    if not cfg.train.resume:
+        return None, None
+    path = checkpoint.resolve_resume(cfg.train.resume, cfg.train.output_dir)
+    if path is None:
+        return None, None
+    marker = checkpoint.read_marker(path)
+    mine = run_identity(cfg)
+    for section, values in marker["run"].items():
+        for key, value in values.items():
+            if mine[section].get(key) != value:
+                raise ConfigError(
+                    f"--resume {path}: the checkpoint was made with {section}.{key} = {value!r}, this run "
+                    f"has {mine[section].get(key)!r}; resume with the same settings or start a new run")
+    if not os.path.isfile(marker["init_file"]):
+        raise ConfigError(f"--resume {path}: its init file {marker['init_file']} is missing")
+    return path, marker
+
+
+def run_identity(cfg: RunConfig) -> dict:
+    """The settings a checkpoint must agree on with the run that resumes it."""
+    d = cfg.to_dict()
+    train = {k: d["train"][k] for k in ("lr", "weight_decay", "betas", "eps", "warmup_ratio", "schedule",
+                                        "epochs", "max_steps", "seed")}
+    train["betas"] = list(train["betas"])
+    return {"model": d["model"], "lorasb": d["lorasb"], "data": d["data"], "train": train}
 
 
 def run(cfg: RunConfig, ds_config: dict) -> dict:
     """The whole run; returns its summary (also written to ``run_summary.json`` by rank 0)."""
     from deepspeed.utils import safe_get_full_fp32_param
 
-    s = setup(cfg, ds_config)
+    check_output_dir(cfg)
+    resume_from, marker = resume_point(cfg)
     out_dir = cfg.train.output_dir
-    logger = Logger(s.engine, out_dir, s.rank)
+    if marker is not None:  # B and A come from the run's own init file: never estimated again
+        cfg.train.init_file = marker["init_file"]
+    elif cfg.train.resume and os.path.isfile(os.path.join(out_dir, INIT_FILE_NAME)):
+        cfg.train.init_file = os.path.join(out_dir, INIT_FILE_NAME)  # killed before its first checkpoint
+    preemption = PreemptionFlag()
+    s = setup(cfg, ds_config)
+    logger = Logger(s.engine, out_dir, s.rank, append=bool(cfg.train.resume))
 
     # ---- B, A, R: from the init file, or estimated now
     est_stats = None
@@ -282,18 +371,34 @@ def run(cfg: RunConfig, ds_config: dict) -> dict:
         inits, init_meta, est_stats = estimate_and_init(s)
         init_path = os.path.join(out_dir, INIT_FILE_NAME)
     apply_inits(s.layers, inits)
+    position = checkpoint.Position()
+    if resume_from:
+        if init_meta["init_id"] != marker["init_id"]:
+            raise ConfigError(f"--resume {resume_from}: its init file {init_path} was replaced since")
+        position, _ = checkpoint.load(s.engine, resume_from)
     energies = {name: init.energy for name, init in inits.items()}
     logger.log({"event": "init", "estimated": est_stats is not None, "init_file": init_path,
-                "lr_eff": init_meta.get("lr_eff"), "mean_energy": sum(energies.values()) / len(energies)},
+                "resumed_from": resume_from, "start_step": position.step, "lr_eff": init_meta.get("lr_eff"),
+                "mean_energy": sum(energies.values()) / len(energies)},
                tb={f"Estimation/energy/{n}": e for n, e in energies.items()})
 
-    steps = train_loop(s, logger)
+    extra = {"init_file": os.path.abspath(init_path), "init_id": init_meta["init_id"], "run": run_identity(cfg)}
+    position, preempted = train_loop(
+        s, logger, position, save=lambda pos: checkpoint.save(s.engine, out_dir, pos, extra, cfg.train.keep_last),
+        preemption=preemption)
+    if preempted:
+        if s.rank == 0:
+            print(f"[lorasb] stopped by a signal at step {position.step}; checkpoint written, "
+                  f"resume with --resume auto")
+        logger.close()
+        dist.barrier()
+        raise SystemExit(EXIT_PREEMPTED)
 
     # ---- the adapter: R (fp32 master; gathered, so every rank takes part) + the init file
     final_R = {name: safe_get_full_fp32_param(layer.lora_R).detach().float().cpu().view(layer.r, layer.r)
                for name, layer in s.layers.items()}
     summary = {
-        "steps": steps, "world_size": s.world, "global_batch": s.layout.global_batch,
+        "steps": position.step, "world_size": s.world, "global_batch": s.layout.global_batch,
         "estimated": est_stats is not None,
         "estimation_seconds": est_stats.seconds if est_stats else None,
         "init_id": init_meta.get("init_id"), "lr_eff": init_meta.get("lr_eff"),
@@ -309,21 +414,6 @@ def run(cfg: RunConfig, ds_config: dict) -> dict:
     logger.close()
     dist.barrier()
     return summary
-
-
-def save_adapter(adapter_dir: str, final_R: dict[str, torch.Tensor], init_path: str, init_meta: dict) -> None:
-    """``adapter/lorasb_adapter.safetensors`` (trained R) beside a copy of the init file (B, A, R0)."""
-    os.makedirs(adapter_dir, exist_ok=True)
-    init_copy = os.path.join(adapter_dir, INIT_FILE_NAME)
-    if os.path.abspath(init_path) != os.path.abspath(init_copy):
-        shutil.copyfile(init_path, init_copy + ".tmp")
-        os.replace(init_copy + ".tmp", init_copy)
-    meta = {"format": "lorasb-adapter-v1", "init_file": INIT_FILE_NAME,
-            **{k: init_meta[k] for k in ("init_id", "model", "target_modules", "r")}}
-    path = os.path.join(adapter_dir, ADAPTER_FILE_NAME)
-    save_file({f"{n}.lora_R": R.contiguous() for n, R in final_R.items()}, path + ".tmp",
-              metadata={"lorasb": json.dumps(meta)})
-    os.replace(path + ".tmp", path)
 
 
 def r_norm(r_params: list[torch.nn.Parameter]) -> float:

@@ -1,0 +1,124 @@
+"""Training checkpoints: atomic, small, and exact to resume from.
+
+A checkpoint holds what training changes and nothing the run can rebuild: the R matrices with their
+fp32 masters and Adam moments (DeepSpeed's ``save_checkpoint(exclude_frozen_parameters=True)``; B, A
+and W0 are frozen and never written), the learning-rate schedule, the position in the data (epoch and
+next micro-batch), each rank's RNG state, and the path and id of the init file that B, A came from.
+
+Layout, under ``<output_dir>/checkpoints/``::
+
+    step00000040/            a complete checkpoint
+        state/...            DeepSpeed's files (every rank writes its optimizer shard)
+        rng_rank{k}.pt       RNG state of rank k
+        COMPLETE             JSON: step, epoch, next micro-batch, init file; written last
+    .tmp-step00000050/       one being written: ignored, removed by the next save
+
+Every rank calls ``save``/``load`` (collective). A checkpoint is first written under a temporary
+name, then rank 0 writes the marker and renames it into place, so a crash mid-write leaves only a
+``.tmp-`` directory that resuming never looks at.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+
+from .config import ConfigError
+
+CHECKPOINTS = "checkpoints"
+MARKER = "COMPLETE"
+TAG = "state"
+_NAME = re.compile(r"^step(\d{8})$")
+
+
+@dataclass
+class Position:
+    """Where training stands: optimizer steps done, and the next micro-batch of which epoch."""
+
+    step: int = 0
+    epoch: int = 0
+    micro_batch: int = 0
+
+
+def complete_checkpoints(output_dir: str) -> list[str]:
+    """Complete checkpoints (with their marker), oldest first."""
+    root = os.path.join(output_dir, CHECKPOINTS)
+    if not os.path.isdir(root):
+        return []
+    found = [(int(m.group(1)), os.path.join(root, name)) for name in os.listdir(root)
+             if (m := _NAME.match(name)) and os.path.isfile(os.path.join(root, name, MARKER))]
+    return [path for _, path in sorted(found)]
+
+
+def resolve_resume(resume: str, output_dir: str) -> str | None:
+    """``auto``: the newest complete checkpoint of ``output_dir`` (None if there is none); else a path."""
+    if resume == "auto":
+        found = complete_checkpoints(output_dir)
+        return found[-1] if found else None
+    if not os.path.isfile(os.path.join(resume, MARKER)):
+        raise ConfigError(f"--resume {resume}: not a complete checkpoint directory (no {MARKER} marker)")
+    return resume
+
+
+def read_marker(path: str) -> dict:
+    with open(os.path.join(path, MARKER)) as f:
+        return json.load(f)
+
+
+def _rng_state() -> dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def save(engine, output_dir: str, position: Position, extra: dict, keep_last: int) -> str:
+    """Write a checkpoint of ``engine`` at ``position``; keep the newest ``keep_last``. Collective."""
+    rank = dist.get_rank()
+    root = os.path.join(output_dir, CHECKPOINTS)
+    name = f"step{position.step:08d}"
+    tmp, final = os.path.join(root, f".tmp-{name}"), os.path.join(root, name)
+    if rank == 0:
+        for stale in (p for p in os.listdir(root) if p.startswith(".tmp-")) if os.path.isdir(root) else ():
+            shutil.rmtree(os.path.join(root, stale), ignore_errors=True)
+        os.makedirs(tmp, exist_ok=True)
+    dist.barrier()
+    engine.save_checkpoint(tmp, tag=TAG, exclude_frozen_parameters=True, save_latest=False)
+    torch.save(_rng_state(), os.path.join(tmp, f"rng_rank{rank}.pt"))
+    dist.barrier()
+    if rank == 0:
+        with open(os.path.join(tmp, MARKER), "w") as f:
+            json.dump(dict(asdict(position), world_size=dist.get_world_size(), **extra), f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        if os.path.exists(final):  # a checkpoint of the same step from an earlier attempt
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in complete_checkpoints(output_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def load(engine, path: str) -> tuple[Position, dict]:
+    """Restore R, optimizer, schedule and this rank's RNG from ``path``. Collective."""
+    marker = read_marker(path)
+    if marker["world_size"] != dist.get_world_size():
+        raise ConfigError(f"--resume {path}: written by {marker['world_size']} ranks, this run has "
+                          f"{dist.get_world_size()}; resume with the same world size")
+    load_path, _ = engine.load_checkpoint(path, tag=TAG, load_module_strict=False,
+                                          load_optimizer_states=True, load_lr_scheduler_states=True)
+    if load_path is None:
+        raise ConfigError(f"--resume {path}: DeepSpeed found no checkpoint under tag '{TAG}'")
+    rng = torch.load(os.path.join(path, f"rng_rank{dist.get_rank()}.pt"), weights_only=True)
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    position = Position(marker["step"], marker["epoch"], marker["micro_batch"])
+    return position, marker

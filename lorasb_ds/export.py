@@ -1,0 +1,319 @@
+"""Export a finished LoRA-SB adapter: as a stock PEFT LoRA adapter, or merged into the base weights.
+
+A LoRA-SB layer computes, for x of shape (..., in),
+
+    y = W0 x + b + s * B R A x,         s = 1,   B (out x r),  A (r x in),  R (r x r)
+
+with B, A frozen (in the init file) and only R trained (in the adapter file). PEFT's LoRA computes
+
+    y = W0 x + b + (alpha / r) * B' A' x,       B' (out x r),  A' (r x in)
+
+so the two agree exactly (up to float rounding) with
+
+    A' = A,     B' = B R,     alpha = r   (PEFT's scaling alpha / r = 1 = s).
+
+The exported adapter therefore has the size of a plain rank-r LoRA; it loads with
+``peft.PeftModel.from_pretrained`` and needs nothing from this package.
+
+Merging folds the adapter into the base weights once and for all:
+
+    W = W0 + s * B R A        (out x in; computed in fp32, stored in W0's dtype)
+
+The base checkpoint's safetensors shards are rewritten one at a time: a shard is opened (memory
+mapped), its target weights are replaced, it is written to the output directory and closed before the
+next one is opened. Peak memory is about one shard plus the adapter, whatever the size of the model.
+Every other file of the checkpoint (config, tokenizer, shard index) is copied unchanged: the tensor
+names, shapes and dtypes do not change, so the index stays valid.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import ConfigError
+from .init import INIT_FORMAT
+
+ADAPTER_FORMAT = "lorasb-adapter-v1"
+ADAPTER_FILE_NAME = "lorasb_adapter.safetensors"
+INIT_FILE_NAME = "lorasb_init.safetensors"
+PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
+PEFT_CONFIG_NAME = "adapter_config.json"
+PEFT_PREFIX = "base_model.model."  # PeftModel -> LoraModel -> the causal LM
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_WEIGHTS_NAME = "model.safetensors"
+
+Adapter = dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+"""{module name: (B (out x r), A (r x in), R (r x r))}, CPU fp32, R the trained one."""
+
+
+# --------------------------------------------------------------------------- writing and reading an adapter
+
+
+def save_adapter(adapter_dir: str, final_R: dict[str, torch.Tensor], init_path: str, init_meta: dict) -> None:
+    """``adapter/lorasb_adapter.safetensors`` (trained R) beside a copy of the init file (B, A, R0)."""
+    os.makedirs(adapter_dir, exist_ok=True)
+    init_copy = os.path.join(adapter_dir, INIT_FILE_NAME)
+    if os.path.abspath(init_path) != os.path.abspath(init_copy):
+        shutil.copyfile(init_path, init_copy + ".tmp")
+        os.replace(init_copy + ".tmp", init_copy)
+    meta = {"format": ADAPTER_FORMAT, "init_file": INIT_FILE_NAME,
+            **{k: init_meta[k] for k in ("init_id", "model", "target_modules", "r")}}
+    path = os.path.join(adapter_dir, ADAPTER_FILE_NAME)
+    save_file({f"{n}.lora_R": R.contiguous() for n, R in final_R.items()}, path + ".tmp",
+              metadata={"lorasb": json.dumps(meta)})
+    os.replace(path + ".tmp", path)
+
+
+
+
+def load_adapter(adapter_dir: str) -> tuple[Adapter, dict]:
+    """Read ``lorasb_adapter.safetensors`` (trained R) and its init file (B, A).
+
+    Returns ``({name: (B, A, R)}, meta)``: B (out x r), A (r x in), R (r x r), all CPU fp32; ``meta`` is
+    the adapter's metadata (``init_id``, ``model``, ``target_modules``, ``r``, ...).
+    """
+    adapter_path = os.path.join(adapter_dir, ADAPTER_FILE_NAME)
+    meta = _read_lorasb_meta(adapter_path, ADAPTER_FORMAT, adapter_dir)
+    init_path = os.path.join(adapter_dir, meta.get("init_file") or INIT_FILE_NAME)
+    init_meta = _read_lorasb_meta(init_path, INIT_FORMAT, adapter_dir)
+    if init_meta.get("init_id") != meta.get("init_id"):
+        raise ConfigError(
+            f"--adapter {adapter_dir}: init_id {meta.get('init_id')!r} of {ADAPTER_FILE_NAME} differs from "
+            f"init_id {init_meta.get('init_id')!r} of {os.path.basename(init_path)}: R was trained on other "
+            "B, A; put the init file of the same run beside the adapter"
+        )
+    trained_R = _read_tensors(adapter_path)
+    init = _read_tensors(init_path)
+    adapter = {name: (init[f"{name}.lora_B"], init[f"{name}.lora_A"], trained_R[f"{name}.lora_R"])
+               for name in _module_names(trained_R, init, adapter_dir)}
+    _check_shapes(adapter, int(meta["r"]), adapter_dir)
+    return adapter, meta
+
+
+def _read_lorasb_meta(path: str, expected_format: str, adapter_dir: str) -> dict:
+    """The JSON under the safetensors metadata key ``lorasb``, checked to be of ``expected_format``."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"--adapter {adapter_dir}: no file {os.path.basename(path)}; "
+                          "pass the adapter/ directory written by `lorasb train`")
+    try:
+        with safe_open(path, framework="pt") as f:
+            raw = (f.metadata() or {}).get("lorasb")
+    except Exception as e:  # safetensors raises its own error type for a damaged header
+        raise ConfigError(f"--adapter {adapter_dir}: {os.path.basename(path)} is not a readable safetensors "
+                          f"file ({e}); write the adapter again") from None
+    meta = json.loads(raw) if raw else {}
+    if meta.get("format") != expected_format:
+        raise ConfigError(f"--adapter {adapter_dir}: {os.path.basename(path)} has format "
+                          f"{meta.get('format')!r}, expected {expected_format!r}; "
+                          "pass the adapter/ directory written by `lorasb train`")
+    return meta
+
+
+def _read_tensors(path: str) -> dict[str, torch.Tensor]:
+    with safe_open(path, framework="pt") as f:
+        return {key: f.get_tensor(key).float().contiguous() for key in f.keys()}
+
+
+def _module_names(trained_R: dict, init: dict, adapter_dir: str) -> list[str]:
+    """Module names of the adapter, sorted; both files must cover the same modules."""
+    names = [key.removesuffix(".lora_R") for key in trained_R]
+    wanted = {f"{n}.lora_{m}" for n in names for m in "BAR"}
+    if set(init) != wanted:
+        missing, extra = sorted(wanted - set(init))[:3], sorted(set(init) - wanted)[:3]
+        raise ConfigError(f"--adapter {adapter_dir}: the init file does not cover the adapter's modules "
+                          f"(missing {missing}, unexpected {extra}); use the init file of the same run")
+    return sorted(names)
+
+
+def _check_shapes(adapter: Adapter, r: int, adapter_dir: str) -> None:
+    for name, (B, A, R) in adapter.items():
+        if B.shape[1] != r or A.shape[0] != r or tuple(R.shape) != (r, r):
+            raise ConfigError(f"--adapter {adapter_dir}: '{name}' has B {tuple(B.shape)}, A {tuple(A.shape)}, "
+                              f"R {tuple(R.shape)}, not (out x {r}), ({r} x in), ({r} x {r}); the files are "
+                              "inconsistent, export again from the training run's adapter/")
+
+
+# --------------------------------------------------------------------------- PEFT export
+
+
+def export_peft(adapter_dir: str, out_dir: str, base_model: str | None = None) -> str:
+    """Write ``adapter_model.safetensors`` and ``adapter_config.json`` of a PEFT LoRA adapter to out_dir.
+
+    ``base_model`` is recorded as ``base_model_name_or_path`` (default: the model the adapter was
+    trained on). Each file is written atomically. Returns out_dir.
+    """
+    adapter, meta = load_adapter(adapter_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    _atomic_save_file(peft_state_dict(adapter), os.path.join(out_dir, PEFT_WEIGHTS_NAME), {"format": "pt"})
+    config = peft_config(meta, base_model or meta.get("model"))
+    _atomic_write_text(json.dumps(config, indent=2) + "\n", os.path.join(out_dir, PEFT_CONFIG_NAME))
+    return out_dir
+
+
+def peft_state_dict(adapter: Adapter) -> dict[str, torch.Tensor]:
+    """PEFT's saved keys: ``lora_A.weight`` = A (r x in) and ``lora_B.weight`` = B R (out x r), fp32."""
+    tensors = {}
+    for name, (B, A, R) in adapter.items():
+        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = A.contiguous()
+        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = (B @ R).contiguous()
+    return tensors
+
+
+def peft_config(meta: dict, base_model: str | None) -> dict:
+    """``adapter_config.json`` of a LoRA with scaling alpha / r = 1 and no dropout or bias."""
+    r = int(meta["r"])
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": r,
+        "lora_alpha": r,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "target_modules": list(meta["target_modules"]),
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "inference_mode": True,
+    }
+
+
+# --------------------------------------------------------------------------- merged checkpoint
+
+
+def merge_checkpoint(base_model_dir: str, adapter_dir: str, out_dir: str) -> str:
+    """Write a copy of the base checkpoint with every target weight replaced by ``W0 + B R A``.
+
+    Shards are processed one at a time (see the module docstring). Everything is checked before the
+    first byte is written; the result is assembled in a temporary sibling directory and renamed to
+    out_dir at the end, so a failed merge leaves no half-written out_dir. Returns out_dir.
+    """
+    _check_out_dir(base_model_dir, out_dir)
+    adapter, _ = load_adapter(adapter_dir)
+    shards = list_shards(base_model_dir)
+    plan = locate_targets(base_model_dir, shards, adapter)
+    tmp_dir = f"{os.path.abspath(out_dir).rstrip(os.sep)}.tmp{os.getpid()}"
+    os.makedirs(tmp_dir)
+    try:
+        for shard in shards:
+            updates = {name: adapter[name] for name in plan.get(shard, [])}
+            merge_shard(os.path.join(base_model_dir, shard), os.path.join(tmp_dir, shard), updates)
+        _copy_other_files(base_model_dir, tmp_dir, skip=set(shards))
+        os.replace(tmp_dir, out_dir)  # out_dir is absent or empty: an atomic rename
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _check_out_dir(base_model_dir: str, out_dir: str) -> None:
+    if not os.path.isdir(base_model_dir):
+        raise ConfigError(f"--base_model {base_model_dir}: no such directory; pass a local checkpoint "
+                          "directory (config.json + *.safetensors)")
+    if os.path.realpath(out_dir) == os.path.realpath(base_model_dir):
+        raise ConfigError(f"--out {out_dir} is the base model directory; merging never overwrites the base, "
+                          "pass a new directory")
+    inside = os.path.commonpath([os.path.realpath(out_dir), os.path.realpath(base_model_dir)])
+    if inside == os.path.realpath(base_model_dir):
+        raise ConfigError(f"--out {out_dir} lies inside the base model directory; pass a directory outside it")
+    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
+        raise ConfigError(f"--out {out_dir} exists and is not an empty directory; pass a new directory "
+                          "or remove it first")
+
+
+def list_shards(base_model_dir: str) -> list[str]:
+    """File names of the safetensors shards: those of the index, else the single ``model.safetensors``."""
+    index_path = os.path.join(base_model_dir, INDEX_NAME)
+    if os.path.isfile(index_path):
+        with open(index_path) as f:
+            weight_map = json.load(f).get("weight_map", {})
+        return sorted(set(weight_map.values()))
+    if os.path.isfile(os.path.join(base_model_dir, SINGLE_WEIGHTS_NAME)):
+        return [SINGLE_WEIGHTS_NAME]
+    raise ConfigError(f"--base_model {base_model_dir}: neither {INDEX_NAME} nor {SINGLE_WEIGHTS_NAME} found; "
+                      "re-save the model with save_pretrained (safetensors) first")
+
+
+def locate_targets(base_model_dir: str, shards: list[str], adapter: Adapter) -> dict[str, list[str]]:
+    """{shard: [module names whose ``.weight`` it holds]}, from the shard headers alone (no weights read).
+
+    Raises when a target weight is in no shard or its (out x in) shape differs from B A's.
+    """
+    plan: dict[str, list[str]] = {}
+    found = set()
+    for shard in shards:
+        with safe_open(os.path.join(base_model_dir, shard), framework="pt") as f:
+            keys = set(f.keys())
+            for name, (B, A, _) in adapter.items():
+                if f"{name}.weight" not in keys:
+                    continue
+                shape = tuple(f.get_slice(f"{name}.weight").get_shape())
+                if shape != (B.shape[0], A.shape[1]):
+                    raise ConfigError(f"--base_model {base_model_dir}: '{name}.weight' is {shape}, the adapter "
+                                      f"expects {(B.shape[0], A.shape[1])}; pass the model the adapter was "
+                                      "trained on")
+                plan.setdefault(shard, []).append(name)
+                found.add(name)
+    missing = sorted(set(adapter) - found)
+    if missing:
+        raise ConfigError(f"--base_model {base_model_dir}: no shard holds {[m + '.weight' for m in missing[:3]]}"
+                          f"{' and more' if len(missing) > 3 else ''}; pass the model the adapter was trained on")
+    return plan
+
+
+def merge_shard(src: str, dst: str, updates: Adapter) -> None:
+    """Copy the shard ``src`` to ``dst`` with ``{name}.weight <- W0 + B R A`` for each of ``updates``.
+
+    The source is memory mapped: untouched tensors go from the mapping straight to the writer, and only
+    the updated weights are materialized. Shard metadata is kept.
+    """
+    with safe_open(src, framework="pt") as f:
+        metadata = f.metadata()
+        tensors = {key: f.get_tensor(key) for key in f.keys()}
+        for name, (B, A, R) in updates.items():
+            key = f"{name}.weight"
+            tensors[key] = merged_weight(tensors[key], B, A, R)
+        save_file(tensors, dst, metadata=metadata)
+        del tensors
+
+
+def merged_weight(W0: torch.Tensor, B: torch.Tensor, A: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+    """``W0 + B R A`` (out x in) from W0 (out x in), B (out x r), A (r x in), R (r x r); fp32 math,
+    result in W0's dtype."""
+    merged = B.float() @ (R.float() @ A.float())  # (out x r) @ (r x in): the only (out x in) temporary
+    merged += W0  # in place, promoted to fp32
+    return merged.to(W0.dtype)
+
+
+def _copy_other_files(src_dir: str, dst_dir: str, skip: set[str]) -> None:
+    """Every file and folder of src_dir but the shards, unchanged (the index included)."""
+    for entry in sorted(os.listdir(src_dir)):
+        if entry in skip:
+            continue
+        src, dst = os.path.join(src_dir, entry), os.path.join(dst_dir, entry)
+        if os.path.isdir(src):
+            shutil.copytree(src, dst)
+        else:
+            shutil.copy2(src, dst)
+
+
+# --------------------------------------------------------------------------- atomic writes
+
+
+def _atomic_save_file(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str]) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    save_file(tensors, tmp, metadata=metadata)
+    os.replace(tmp, path)
+
+
+def _atomic_write_text(text: str, path: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
