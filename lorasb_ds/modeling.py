@@ -4,7 +4,7 @@
   ``HfDeepSpeedConfig`` is kept alive while it loads, so transformers builds the model inside
   ``deepspeed.zero.Init`` and every rank holds only its shard of each weight: no rank ever has a
   full copy of the model in host memory.
-* With no model named, a built-in tiny Llama (about 0.9M parameters, fixed seed) and a character
+* With no model named, a built-in tiny Llama (0.62M parameters, fixed seed) and a character
   tokenizer are built from code, so the whole pipeline runs on any machine with no download. It is
   built unpartitioned (it is tiny) and partitioned by ``deepspeed.initialize``.
 """
