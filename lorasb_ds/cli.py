@@ -55,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"lorasb: error: {e}", file=sys.stderr)
         return 2
+    except FloatingPointError as e:
+        print(f"lorasb: stopped: {e}", file=sys.stderr)
+        return 3
     return 0
 
 

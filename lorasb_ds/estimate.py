@@ -118,6 +118,18 @@ def weighted_estimation_batches(examples: list[dict], num_samples: int, micro_ba
             for idx in share(rank)]
 
 
+def check_finite(grads: dict[str, torch.Tensor], names: list[str], device: torch.device) -> None:
+    """Raise on every rank if any owner's G holds NaN or inf, naming the module. Collective."""
+    bad = torch.tensor([int(n in grads and not bool(torch.isfinite(grads[n]).all())) for n in names],
+                       device=device)
+    dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    if bad.any():
+        first = names[int(bad.nonzero()[0])]
+        raise FloatingPointError(
+            f"the estimated gradient of '{first}' holds NaN or inf ({int(bad.sum())} module(s) in all); "
+            "check the estimation data, or use fp32 / a smaller lorasb.est_micro_batch")
+
+
 @dataclass
 class EstimationStats:
     micro_batches_per_rank: int

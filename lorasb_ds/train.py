@@ -26,7 +26,8 @@ from .checkpoint import Position
 from .config import (BatchLayout, ConfigError, RunConfig, check_precision, precision,
                      resolve_batch_layout)
 from .data import collate, estimation_batches, load_rows, tokenize_rows, train_batches
-from .estimate import EstimationStats, assign_owners, estimate_gradients, weighted_estimation_batches
+from .estimate import (EstimationStats, assign_owners, check_finite, estimate_gradients,
+                       weighted_estimation_batches)
 from .export import INIT_FILE_NAME, save_adapter
 from .init import (LayerInit, apply_inits, broadcast_inits, check_init_metadata, init_from_gradient,
                    load_init_file, new_init_id, save_init_file)
@@ -207,6 +208,7 @@ def estimate_and_init(s: Session) -> tuple[dict[str, LayerInit], dict, Estimatio
     batches = weighted_estimation_batches(s.examples, cfg.lorasb.est_samples, cfg.lorasb.est_micro_batch,
                                           s.rank, s.world, cfg.train.seed, s.tokenizer.pad_token_id)
     grads, stats = estimate_gradients(s.engine.module, s.layers, batches, s.owners, s.device)
+    check_finite(grads, list(s.layers), s.device)
     t0 = time.perf_counter()
     index = {name: i for i, name in enumerate(s.layers)}  # a per-module SVD seed, owner-independent
     local = {name: init_from_gradient(G, cfg.lorasb, s.plan.lr_eff, cfg.train.seed + index[name])
@@ -234,8 +236,8 @@ EXIT_PREEMPTED = 75
 class PreemptionFlag:
     """SIGTERM or SIGUSR1 (sent by Slurm before a time limit or preemption) ask the run to stop.
 
-    The handler only sets a flag; at each optimizer-step boundary every rank all-reduces it (MAX),
-    so all ranks agree to stop at the same step, checkpoint together and exit.
+    The handler only sets a flag; at each optimizer-step boundary every rank all-reduces it (see
+    ``any_rank``), so all ranks agree to stop at the same step, checkpoint together and exit.
     """
 
     def __init__(self):
@@ -246,10 +248,13 @@ class PreemptionFlag:
     def _handle(self, signum, frame) -> None:
         self.requested = True
 
-    def agreed(self, device: torch.device) -> bool:
-        flag = torch.tensor([int(self.requested)], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+
+
+def any_rank(flags: list[bool], device: torch.device) -> list[bool]:
+    """Each flag, true if it is true on any rank (one all-reduce; every rank must call it)."""
+    t = torch.tensor([int(f) for f in flags], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(x) for x in t.tolist()]
 
 
 def train_loop(s: Session, logger: Logger, position: Position | None = None,
@@ -290,9 +295,17 @@ def train_loop(s: Session, logger: Logger, position: Position | None = None,
                           "r_norm": r_norm(r_params)}
                 bar.set_postfix(loss=f"{record['loss']:.4f}")
                 logger.log(record, tb={f"Train/{k}": v for k, v in record.items() if k != "step"})
+            finite = bool(torch.isfinite(torch.stack(losses)).all())
             losses = []
-            stop = preemption is not None and preemption.agreed(s.device)
-            if save is not None and (stop or last or (t.save_every and pos.step % t.save_every == 0)):
+            stop, diverged = any_rank([preemption is not None and preemption.requested, not finite], s.device)
+            saving = save is not None and (stop or last or (t.save_every and pos.step % t.save_every == 0))
+            if saving and not diverged:  # a checkpoint is written only with finite R (same on all ranks)
+                diverged = not math.isfinite(r_norm(r_params))
+            if diverged:
+                raise FloatingPointError(
+                    f"the loss or R is NaN or inf at step {pos.step}; stopped without writing a checkpoint. "
+                    "Lower train.lr (or check the data), then --resume auto from the last good checkpoint")
+            if saving:
                 save(pos)
             if stop or last:
                 bar.close()

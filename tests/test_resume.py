@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -132,3 +133,18 @@ def test_sigterm_checkpoints_and_exits_with_the_preemption_code(tmp_path):
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     _, losses = step_losses(out)
     assert sorted(losses) == list(range(stopped_at + 1, 41))
+
+
+def test_diverging_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    out = tmp_path / "diverged"
+    cmd = [sys.executable, "launch/train.py", *ARGS, "train.lr=1e30", "lorasb.lr_eff=1e-3",
+           "train.save_every=1", "--output_dir", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, env=dict(env(), MASTER_PORT=str(free_port())),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 3, proc.stdout[-2000:] + proc.stderr[-2000:]
+    message = re.search(r"lorasb: stopped: (.*)", proc.stderr).group(1)
+    assert "NaN or inf at step" in message and "--resume auto" in message
+    bad_step = int(message.split("at step ")[1].split(";")[0])
+    kept = [int(os.path.basename(p)[4:]) for p in complete_checkpoints(str(out))]
+    assert all(k < bad_step for k in kept)  # nothing written at or after the bad step
+    assert not (out / "adapter").exists()
