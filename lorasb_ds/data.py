@@ -16,6 +16,8 @@ The pipeline, in order:
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import random
@@ -241,6 +243,24 @@ def train_batches(num_examples: int, micro_batch: int, rank: int, world_size: in
     return [mine[i * micro_batch:(i + 1) * micro_batch] for i in range(num_batches)]
 
 
+def estimation_indices(num_samples: int, num_examples: int, seed: int) -> list[int]:
+    """The examples of the estimation pass, whatever the world size: a seeded choice of num_samples."""
+    if not 1 <= num_samples <= num_examples:
+        raise ConfigError(
+            f"lorasb.est_samples is {num_samples} but the dataset has {num_examples} examples; "
+            f"set lorasb.est_samples between 1 and {num_examples} (or use a larger dataset)"
+        )
+    return _permutation(num_examples, seed)[:num_samples]
+
+
+def fingerprint(examples: list[dict[str, list[int]]], indices: list[int]) -> str:
+    """sha256 of the tokenized examples at ``indices`` (ids and labels), e.g. the estimation data."""
+    digest = hashlib.sha256()
+    for i in indices:
+        digest.update(json.dumps([examples[i]["input_ids"], examples[i]["labels"]]).encode())
+    return digest.hexdigest()
+
+
 def estimation_batches(num_samples: int, num_examples: int, micro_batch: int, rank: int,
                        world_size: int, seed: int) -> list[list[int]]:
     """This rank's micro-batches for the gradient-estimation pass.
@@ -250,12 +270,6 @@ def estimation_batches(num_samples: int, num_examples: int, micro_batch: int, ra
     fewer samples gets a shorter last list and then empty ones (the caller runs zero-weight dummy
     passes for those so the collectives stay in step).
     """
-    if not 1 <= num_samples <= num_examples:
-        raise ConfigError(
-            f"lorasb.est_samples is {num_samples} but the dataset has {num_examples} examples; "
-            f"set lorasb.est_samples between 1 and {num_examples} (or use a larger dataset)"
-        )
-    chosen = _permutation(num_examples, seed)[:num_samples]
-    mine = chosen[rank::world_size]
+    mine = estimation_indices(num_samples, num_examples, seed)[rank::world_size]
     num_batches = math.ceil(math.ceil(num_samples / world_size) / micro_batch)
     return [mine[i * micro_batch:(i + 1) * micro_batch] for i in range(num_batches)]

@@ -25,14 +25,14 @@ from . import __version__, checkpoint
 from .checkpoint import Position
 from .config import (BatchLayout, ConfigError, RunConfig, check_precision, precision,
                      resolve_batch_layout)
-from .data import collate, estimation_batches, load_rows, tokenize_rows, train_batches
+from .data import collate, estimation_indices, fingerprint, load_rows, tokenize_rows, train_batches
 from .estimate import (EstimationStats, assign_owners, check_finite, estimate_gradients,
                        weighted_estimation_batches)
 from .export import INIT_FILE_NAME, save_adapter
 from .init import (LayerInit, apply_inits, broadcast_inits, check_init_metadata, init_from_gradient,
-                   load_init_file, new_init_id, save_init_file)
-from .modeling import check_model_source, load_model, load_tokenizer, tiny_llama_config
+                   load_init_file, new_init_id, read_init_metadata, save_init_file)
 from .layer import LoRASBLinear
+from .modeling import check_model_source, load_model, load_tokenizer, tiny_llama_config
 from .surgery import ParameterCounts, count_parameters, find_targets, wrap_targets
 
 
@@ -140,16 +140,42 @@ class Session:
     world: int
     device: torch.device
     owners: dict[str, int]
+    data_fingerprint: str | None
+    resume_from: str | None
+    marker: dict | None
 
 
-def setup(cfg: RunConfig, ds_config: dict) -> Session:
-    """Check everything, start the process group, load data and model, wrap, build the engine."""
-    import deepspeed
+@dataclass
+class Prepared:
+    """The outcome of the checks: everything decided before any heavy work (no process group yet,
+    no model). The same on every rank."""
+
+    cfg: RunConfig
+    ds_config: dict
+    layout: BatchLayout
+    tokenizer: object
+    examples: list[dict]
+    truncated: int
+    plan: Plan
+    data_fingerprint: str | None
+    resume_from: str | None
+    marker: dict | None
+
+
+def prepare(cfg: RunConfig, ds_config: dict) -> Prepared:
+    """Every check of configs, data, targets, init file and checkpoint; raises ConfigError."""
     from deepspeed.accelerator import get_accelerator
 
-    from .dist import init_distributed, world_size_from_env
+    from .dist import world_size_from_env
 
-    # ---- everything that can be wrong is checked before the heavy work
+    check_output_dir(cfg)
+    resume_from, marker = resume_point(cfg)
+    init_file = cfg.train.init_file
+    if marker is not None:  # B and A come from the run's own init file: never estimated again
+        init_file = marker["init_file"]
+    elif cfg.train.resume and os.path.isfile(os.path.join(cfg.train.output_dir, INIT_FILE_NAME)):
+        init_file = os.path.join(cfg.train.output_dir, INIT_FILE_NAME)  # killed before its first checkpoint
+    cfg.train.init_file = init_file
     check_model_source(cfg.model)
     layout = resolve_batch_layout(ds_config, world_size_from_env())
     check_precision(ds_config, get_accelerator().device_name())
@@ -157,14 +183,42 @@ def setup(cfg: RunConfig, ds_config: dict) -> Session:
     tokenizer = load_tokenizer(cfg.model)
     examples, truncated = tokenize_rows(load_rows(cfg.data, cfg.train.seed), tokenizer, cfg.data)
     plan = make_plan(cfg, len(examples), layout.micro_batch, layout.grad_accum, layout.world_size)
-    if not cfg.train.init_file:
-        estimation_batches(cfg.lorasb.est_samples, len(examples), cfg.lorasb.est_micro_batch, 0,
-                           layout.world_size, cfg.train.seed)
-    out_dir = cfg.train.output_dir
+    data_fingerprint = None  # of the estimation data: needed to estimate, or to check a resume
+    if not init_file or cfg.train.resume:
+        data_fingerprint = fingerprint(
+            examples, estimation_indices(cfg.lorasb.est_samples, len(examples), cfg.train.seed))
+    if init_file:
+        meta = read_init_metadata(init_file)
+        check_init_metadata(init_file, meta, init_metadata(cfg))
+        if marker is not None and meta.get("init_id") != marker["init_id"]:
+            raise ConfigError(f"--resume {resume_from}: its init file {init_file} was replaced since; "
+                              "restore it or start a new run")
+        estimated_here = os.path.abspath(init_file) == os.path.abspath(
+            os.path.join(cfg.train.output_dir, INIT_FILE_NAME))
+        if cfg.train.resume and estimated_here and meta.get("data_fingerprint") != data_fingerprint:
+            raise ConfigError(f"--resume: the estimation data differ from those that made {init_file} "
+                              "(the data file changed?); resume with the original data or start a new run")
     tb = ds_config.get("tensorboard")
     if tb and tb.get("enabled") and not tb.get("output_path"):
-        ds_config = dict(ds_config, tensorboard=dict(tb, output_path=os.path.join(out_dir, "tensorboard")))
+        output_path = os.path.join(cfg.train.output_dir, "tensorboard")
+        ds_config = dict(ds_config, tensorboard=dict(tb, output_path=output_path))
+    return Prepared(cfg, ds_config, layout, tokenizer, examples, truncated, plan, data_fingerprint,
+                    resume_from, marker)
 
+
+def setup(cfg: RunConfig, ds_config: dict) -> Session:
+    """``build(prepare(cfg, ds_config))``: check everything, then the heavy work."""
+    return build(prepare(cfg, ds_config))
+
+
+def build(p: Prepared) -> Session:
+    """Start the process group, load the model, wrap the targets, build the engine."""
+    import deepspeed
+
+    from .dist import init_distributed
+
+    cfg, ds_config, layout, plan, examples = p.cfg, p.ds_config, p.layout, p.plan, p.examples
+    out_dir = cfg.train.output_dir
     rank, world, device = init_distributed(cfg.train.dist_timeout_minutes)
     if world != layout.world_size:  # an MPI launch announces its size only now
         layout = resolve_batch_layout(ds_config, world)
@@ -196,10 +250,11 @@ def setup(cfg: RunConfig, ds_config: dict) -> Session:
     if rank == 0:
         print(f"[lorasb] world {world}, micro-batch {layout.micro_batch} x accumulation "
               f"{layout.grad_accum} -> global batch {layout.global_batch}; {len(examples)} samples "
-              f"({truncated} truncated); {plan.total_steps} steps, warm-up {plan.warmup_steps}")
+              f"({p.truncated} truncated); {plan.total_steps} steps, warm-up {plan.warmup_steps}")
         print(f"[lorasb] {len(layers)} LoRA-SB layers, r={cfg.lorasb.r}: {counts.describe()}")
-    return Session(cfg, engine, scheduler, layers, counts, tokenizer, examples, truncated, layout, plan,
-                   rank, world, device, assign_owners(shapes, world))
+    return Session(cfg, engine, scheduler, layers, counts, p.tokenizer, examples, p.truncated, layout, plan,
+                   rank, world, device, assign_owners(shapes, world), p.data_fingerprint, p.resume_from,
+                   p.marker)
 
 
 def estimate_and_init(s: Session) -> tuple[dict[str, LayerInit], dict, EstimationStats]:
@@ -221,6 +276,7 @@ def estimate_and_init(s: Session) -> tuple[dict[str, LayerInit], dict, Estimatio
         est_samples=cfg.lorasb.est_samples, est_micro_batch=cfg.lorasb.est_micro_batch,
         svd=cfg.lorasb.svd, svd_oversample=cfg.lorasb.svd_oversample, svd_niter=cfg.lorasb.svd_niter,
         seed=cfg.train.seed, world_size=s.world, owners=s.owners, versions=_versions(),
+        data_fingerprint=s.data_fingerprint,
     )
     if s.rank == 0:
         save_init_file(os.path.join(cfg.train.output_dir, INIT_FILE_NAME), inits, meta)
@@ -363,22 +419,17 @@ def run(cfg: RunConfig, ds_config: dict) -> dict:
     """The whole run; returns its summary (also written to ``run_summary.json`` by rank 0)."""
     from deepspeed.utils import safe_get_full_fp32_param
 
-    check_output_dir(cfg)
-    resume_from, marker = resume_point(cfg)
     out_dir = cfg.train.output_dir
-    if marker is not None:  # B and A come from the run's own init file: never estimated again
-        cfg.train.init_file = marker["init_file"]
-    elif cfg.train.resume and os.path.isfile(os.path.join(out_dir, INIT_FILE_NAME)):
-        cfg.train.init_file = os.path.join(out_dir, INIT_FILE_NAME)  # killed before its first checkpoint
+    prepared = prepare(cfg, ds_config)
+    resume_from = prepared.resume_from
     preemption = PreemptionFlag()
-    s = setup(cfg, ds_config)
+    s = build(prepared)
     logger = Logger(s.engine, out_dir, s.rank, append=bool(cfg.train.resume))
 
     # ---- B, A, R: from the init file, or estimated now
     est_stats = None
     if cfg.train.init_file:
-        inits, init_meta = load_init_file(cfg.train.init_file, s.layers)
-        check_init_metadata(cfg.train.init_file, init_meta, init_metadata(cfg))
+        inits, init_meta = load_init_file(cfg.train.init_file, s.layers)  # checked in prepare()
         init_path = cfg.train.init_file
     else:
         inits, init_meta, est_stats = estimate_and_init(s)
@@ -386,8 +437,6 @@ def run(cfg: RunConfig, ds_config: dict) -> dict:
     apply_inits(s.layers, inits)
     position = checkpoint.Position()
     if resume_from:
-        if init_meta["init_id"] != marker["init_id"]:
-            raise ConfigError(f"--resume {resume_from}: its init file {init_path} was replaced since")
         position, _ = checkpoint.load(s.engine, resume_from)
     energies = {name: init.energy for name, init in inits.items()}
     logger.log({"event": "init", "estimated": est_stats is not None, "init_file": init_path,
