@@ -1,0 +1,161 @@
+"""Every bad input is a clear error before the heavy work, and nothing the user had is touched.
+
+Each case runs the real command line (``lorasb_ds.cli.main``, as ``lorasb train`` does) in this process
+with ``train.build`` (process group, model loading, engine) replaced by a tripwire: the command must
+exit 2 with a message naming the setting, and the tripwire must not fire.
+"""
+
+import json
+import os
+
+import pytest
+from safetensors.torch import save_file
+
+import lorasb_ds.train as train_module
+from conftest import REPO
+from lorasb_ds.checkpoint import MARKER
+from lorasb_ds.cli import main
+from lorasb_ds.config import load_run_config
+from lorasb_ds.init import INIT_FORMAT
+
+ZERO3 = os.path.join(REPO, "ds_configs", "zero3.json")
+
+
+@pytest.fixture(autouse=True)
+def tripwire(monkeypatch):
+    def heavy_work(*args, **kwargs):
+        raise AssertionError("heavy work started (process group / model loading)")
+
+    monkeypatch.setattr(train_module, "build", heavy_work)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+
+
+def write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return str(path)
+
+
+def fails(capsys, *args, ds_config=ZERO3, out=None):
+    """Run ``lorasb train``; it must exit 2; returns its error message."""
+    argv = ["train", "--ds_config", ds_config, *args]
+    if out is not None:
+        argv += ["--output_dir", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "lorasb: error: " in err  # (datasets may print a progress bar before it)
+    return err.split("lorasb: error: ", 1)[1]
+
+
+def test_malformed_run_config(tmp_path, capsys):
+    err = fails(capsys, "--config", write(tmp_path / "run.yaml", "lorasb: [r: 8\n"), out=tmp_path / "o")
+    assert "is not valid YAML" in err
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("lorasb.rank=8", "unknown setting 'lorasb.rank'"),
+    ("lorasb.r=0", "lorasb.r must be a positive integer"),
+    ("lorasb.r=-3", "lorasb.r must be a positive integer"),
+    ("lorasb.est_samples=0", "lorasb.est_samples must be at least 1"),
+    ("train.lr=fast", "train.lr: expected a number"),
+])
+def test_bad_run_settings(tmp_path, capsys, override, needle):
+    assert needle in fails(capsys, override, out=tmp_path / "o")
+
+
+@pytest.mark.parametrize("content, needle", [
+    ("{not json", "is not valid JSON"),
+    ('{"train_micro_batch_size_per_gpu": "auto"}', "'train_micro_batch_size_per_gpu' is \"auto\""),
+    ('{"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 3, "reduce_bucket_size": "auto"}}',
+     "'zero_optimization.reduce_bucket_size' is \"auto\""),
+    ('{"train_micro_batch_size_per_gpu": 2, "fp16": {"enabled": true}}', "fp16.enabled is true but the accelerator"),
+    ('{"train_micro_batch_size_per_gpu": 2, "optimizer": {"type": "AdamW"}}', "remove the 'optimizer' block"),
+])
+def test_bad_deepspeed_config(tmp_path, capsys, content, needle):
+    assert needle in fails(capsys, ds_config=write(tmp_path / "ds.json", content), out=tmp_path / "o")
+
+
+def test_batch_triple_that_does_not_match_the_world_size(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    ds = write(tmp_path / "ds.json", json.dumps(
+        {"train_batch_size": 16, "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1}))
+    err = fails(capsys, ds_config=ds, out=tmp_path / "o")
+    assert "train_batch_size 16 != train_micro_batch_size_per_gpu 4 x gradient_accumulation_steps 1" in err
+    assert "world size 2" in err
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("lorasb.r=100", "lorasb.r = 100 exceeds min(out, in) = 64"),
+    ("lorasb.target_modules=q_proj,query_key_value", "['query_key_value'] match no module"),
+    ("lorasb.target_modules=input_layernorm", "is a LlamaRMSNorm, not a torch.nn.Linear"),
+])
+def test_bad_targets_are_found_from_the_config_alone(tmp_path, capsys, override, needle):
+    assert needle in fails(capsys, override, out=tmp_path / "o")
+
+
+def test_more_estimation_samples_than_data(tmp_path, capsys):
+    err = fails(capsys, "data.builtin_size=20", "lorasb.est_samples=50", out=tmp_path / "o")
+    assert "lorasb.est_samples is 50 but the dataset has 20 examples" in err
+
+
+def test_empty_dataset_and_missing_column(tmp_path, capsys):
+    assert "is empty" in fails(capsys, f"data.path={write(tmp_path / 'e.jsonl', '')}", out=tmp_path / "o1")
+    rows = write(tmp_path / "q.jsonl", '{"question": "1+1?", "response": "2"}\n')
+    err = fails(capsys, f"data.path={rows}", out=tmp_path / "o2")
+    assert "no column 'query'" in err and "data.query_field" in err
+
+
+def test_missing_model_path(tmp_path, capsys):
+    err = fails(capsys, f"model.name_or_path={tmp_path / 'no-such-model'}", out=tmp_path / "o")
+    assert "model.name_or_path: no such directory" in err
+
+
+def test_output_dir_that_cannot_be_written(tmp_path, capsys):
+    blocker = write(tmp_path / "a-file", "x")
+    err = fails(capsys, out=os.path.join(blocker, "run"))
+    assert "train.output_dir" in err and "is not writable" in err
+
+
+def test_output_dir_holding_another_run_is_left_untouched(tmp_path, capsys):
+    out = tmp_path / "earlier"
+    files = {"run_config.json": '{"run": {}}', "metrics.jsonl": '{"step": 1}\n', "notes.txt": "mine"}
+    for name, text in files.items():
+        write(out / name, text)
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir()}
+    err = fails(capsys, out=out)
+    assert "already holds a run" in err and "--resume auto" in err and "--overwrite" in err
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir()} == before
+
+
+def test_init_file_from_another_model(tmp_path, capsys):
+    init = tmp_path / "init.safetensors"
+    meta = {"format": INIT_FORMAT, "model": "other-org/other-model", "target_modules": ["q_proj"], "r": 16}
+    save_file({}, str(init), metadata={"lorasb": json.dumps(meta)})
+    err = fails(capsys, "--init_file", str(init), out=tmp_path / "o")
+    assert "was made for model = 'other-org/other-model'" in err
+
+
+def test_not_an_init_file(tmp_path, capsys):
+    init = tmp_path / "weights.safetensors"
+    save_file({}, str(init))
+    assert "is not a LoRA-SB init file" in fails(capsys, "--init_file", str(init), out=tmp_path / "o")
+
+
+def test_checkpoint_from_another_configuration(tmp_path, capsys):
+    out = tmp_path / "run"
+    other = load_run_config(None, ["lorasb.r=8"])
+    step = out / "checkpoints" / "step00000002"
+    write(step / MARKER, json.dumps({"step": 2, "epoch": 0, "micro_batch": 2, "world_size": 1,
+                                     "init_file": str(out / "lorasb_init.safetensors"), "init_id": "x",
+                                     "run": train_module.run_identity(other)}))
+    write(out / "run_config.json", "{}")
+    err = fails(capsys, "--resume", "auto", out=out)
+    assert "made with lorasb.r = 8, this run has 16" in err
+    assert (step / MARKER).exists()
+
+
+def test_resume_path_that_is_not_a_checkpoint(tmp_path, capsys):
+    half = tmp_path / "run" / "checkpoints" / "step00000004"
+    half.mkdir(parents=True)
+    err = fails(capsys, "--resume", str(half), out=tmp_path / "run")
+    assert "not a complete checkpoint" in err
