@@ -3,6 +3,8 @@
 ``lorasb train --ds_config ds_configs/zero3.json [--config run.yaml] [key=value ...]``
 ``lorasb export --adapter OUT/adapter --out DIR [--base_model NAME]``   (a stock PEFT LoRA adapter)
 ``lorasb merge --base_model DIR --adapter OUT/adapter --out DIR``      (W0 + B R A, shard by shard)
+``lorasb plan --model_config config.json --r 96 --world_size 64 [--device_memory_gb 80]``
+    (memory and traffic per rank from the model's config alone; exit 1 when it does not fit)
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .config import ConfigError, load_ds_config, load_run_config
+from .config import ConfigError, LoraSBConfig, load_ds_config, load_run_config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,7 +38,29 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--base_model", required=True, help="local checkpoint directory (safetensors shards)")
     merge.add_argument("--adapter", required=True, help="the adapter/ directory written by `lorasb train`")
     merge.add_argument("--out", required=True, help="new (or empty) directory for the merged checkpoint")
+    add_plan_parser(sub)
     return parser
+
+
+def add_plan_parser(sub) -> None:
+    plan = sub.add_parser("plan", help="memory and traffic per rank of a run, from the model's config.json")
+    plan.add_argument("--model_config", required=True, help="a config.json, or a directory holding one")
+    plan.add_argument("--r", type=int, required=True, help="LoRA-SB rank")
+    plan.add_argument("--targets", help="comma-separated module-name suffixes (default: the seven Llama projections)")
+    plan.add_argument("--world_size", type=int, required=True, help="number of ranks (GPUs)")
+    plan.add_argument("--micro_batch", type=int, default=1, help="train_micro_batch_size_per_gpu")
+    plan.add_argument("--est_micro_batch", type=int, default=LoraSBConfig().est_micro_batch,
+                      help="lorasb.est_micro_batch, micro-batch of the estimation pass (default: %(default)s, "
+                           "as in a run)")
+    plan.add_argument("--seq_len", type=int, default=2048, help="tokens per sample (data.max_length)")
+    plan.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="model dtype")
+    plan.add_argument("--offload_param", action="store_true", help="W0 shard in host memory (zero3_offload.json)")
+    plan.add_argument("--no_gradient_checkpointing", action="store_true",
+                      help="plan without activation checkpointing")
+    plan.add_argument("--eager_attention", action="store_true",
+                      help="count the b x heads x s x s score matrices of eager attention")
+    plan.add_argument("--gpus_per_node", type=int, default=8, help="for DeepSpeed's estimator")
+    plan.add_argument("--device_memory_gb", type=float, help="device memory per rank (GB = 1e9 bytes)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
             from .export import merge_checkpoint
 
             print(f"[lorasb] merge: written to {merge_checkpoint(args.base_model, args.adapter, args.out)}")
+        elif args.command == "plan":
+            return plan(args)
     except ConfigError as e:
         print(f"lorasb: error: {e}", file=sys.stderr)
         return 2
@@ -74,6 +100,34 @@ def train(args: argparse.Namespace) -> None:
     from .train import run  # DeepSpeed is imported only for training
 
     run(cfg, ds_config)
+
+
+def plan(args: argparse.Namespace) -> int:
+    """Print the plan and DeepSpeed's estimate; 1 when it does not fit ``--device_memory_gb``."""
+    from .config import LLAMA_TARGETS
+    from .plan import check_fit, deepspeed_estimate, format_deepspeed_comparison, format_plan, plan_memory
+
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()] if args.targets else LLAMA_TARGETS
+    result = plan_memory(args.model_config, args.r, targets, args.world_size, args.micro_batch, args.seq_len,
+                         dtype=args.dtype, offload_param=args.offload_param,
+                         gradient_checkpointing=not args.no_gradient_checkpointing,
+                         est_micro_batch=args.est_micro_batch, flash_attention=not args.eager_attention)
+    print(format_plan(result))
+    print()
+    print(format_deepspeed_comparison(deepspeed_estimate(result, args.gpus_per_node)))
+    if args.device_memory_gb is None:
+        return 0
+    knobs = check_fit(result, args.device_memory_gb)
+    print()
+    if not knobs:
+        print(f"fits: peak {result.peak / 1e9:.2f} GB per rank within {args.device_memory_gb:g} GB "
+              "(less 10% headroom)")
+        return 0
+    print(f"does NOT fit: peak {result.peak / 1e9:.2f} GB per rank > {args.device_memory_gb:g} GB "
+          "less 10% headroom. Knobs, largest effect first:")
+    for knob in knobs:
+        print(f"  - {knob}")
+    return 1
 
 
 if __name__ == "__main__":
