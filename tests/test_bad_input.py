@@ -27,7 +27,8 @@ def tripwire(monkeypatch):
         raise AssertionError("heavy work started (process group / model loading)")
 
     monkeypatch.setattr(train_module, "build", heavy_work)
-    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
 
 
 def write(path, text):
@@ -76,7 +77,9 @@ def test_bad_deepspeed_config(tmp_path, capsys, content, needle):
 
 
 def test_batch_triple_that_does_not_match_the_world_size(tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("WORLD_SIZE", "2")
+    launch = {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999"}
+    for name, value in launch.items():  # as torchrun sets them
+        monkeypatch.setenv(name, value)
     ds = write(tmp_path / "ds.json", json.dumps(
         {"train_batch_size": 16, "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1}))
     err = fails(capsys, ds_config=ds, out=tmp_path / "o")
