@@ -68,15 +68,53 @@ class LoraSBConfig:
 @dataclass
 class DataConfig:
     path: str | None = None
-    """Local ``.json``/``.jsonl`` file with query/response columns; empty: built-in synthetic math."""
+    """Where the rows come from: a local ``.json``/``.jsonl``/``.parquet`` file, a local directory
+    (``datasets.load_dataset`` on it, or ``load_from_disk`` when it was written by ``save_to_disk``),
+    or a hub dataset name such as ``meta-math/MetaMathQA``; empty: built-in synthetic math."""
+    format: str = "metamath"
+    """Row layout: ``metamath`` (query/response), ``alpaca`` (instruction/input/output),
+    ``commonsense`` (LLM-Adapters: instruction/input/output/answer) or ``chat`` (messages)."""
+    subset: str | None = None
+    """Configuration of a hub dataset or directory (e.g. ``main`` for ``openai/gsm8k``)."""
+    split: str = "train"
+    """Split of a hub dataset or directory; a single file is one split and takes the default only."""
     builtin_size: int = 2000
     """Number of rows of the built-in synthetic dataset."""
     query_field: str = "query"
+    """Query column of ``format: metamath``."""
     response_field: str = "response"
+    """Response column of ``format: metamath``."""
     prompt_template: str = "alpaca"
-    """``alpaca`` (the MetaMathQA/GSM8K prompt) or ``plain`` (the query as is)."""
+    """``alpaca`` (the MetaMathQA/GSM8K prompt) or ``plain`` (the query as is); ``format: metamath``
+    only, the other formats build their own prompt."""
     max_length: int = 512
     """Longest tokenized sample; longer ones are truncated and counted."""
+
+    def source_kind(self) -> str:
+        """``builtin``, ``file``, ``dir`` or ``hub``; a local-looking path that is not there is an error.
+
+        A path is read as a hub dataset name only when nothing exists at it and it looks like one:
+        ``name`` or ``owner/name`` made of letters, digits, ``-``, ``_`` and ``.``, not starting with
+        ``.``, ``/`` or ``~`` and not ending in a data-file extension (``data/train.jsonl`` that is
+        missing is "no such file", never a hub lookup).
+        """
+        import re
+
+        if not self.path:
+            return "builtin"
+        expanded = os.path.expanduser(self.path)
+        if os.path.isfile(expanded):
+            return "file"
+        if os.path.isdir(expanded):
+            return "dir"
+        data_suffixes = (".json", ".jsonl", ".parquet", ".csv", ".tsv", ".txt", ".arrow", ".gz", ".zip",
+                         ".bz2", ".xz", ".zst")
+        hub_name = re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?", self.path)
+        if (hub_name is None or self.path.startswith((".", "/", "~"))
+                or self.path.lower().endswith(data_suffixes)):
+            raise ConfigError(f"data.path: no such file or directory '{self.path}' (a hub dataset is "
+                              "named like owner/name, e.g. meta-math/MetaMathQA)")
+        return "hub"
 
 
 @dataclass
@@ -242,8 +280,17 @@ def validate_run_config(cfg: RunConfig) -> None:
         (s.svd in ("randomized", "exact"), f"lorasb.svd must be 'randomized' or 'exact', got '{s.svd}'"),
         (s.svd_oversample >= 0, f"lorasb.svd_oversample must be >= 0, got {s.svd_oversample}"),
         (s.svd_niter >= 0, f"lorasb.svd_niter must be >= 0, got {s.svd_niter}"),
+        (d.format in ("metamath", "alpaca", "commonsense", "chat"),
+         f"data.format must be 'metamath', 'alpaca', 'commonsense' or 'chat', got '{d.format}'"),
         (d.prompt_template in ("alpaca", "plain"),
          f"data.prompt_template must be 'alpaca' or 'plain', got '{d.prompt_template}'"),
+        (d.format == "metamath" or d.prompt_template == "alpaca",
+         f"data.prompt_template={d.prompt_template} applies to data.format=metamath only; "
+         f"data.format={d.format} builds its own prompt: drop the setting"),
+        (d.format == "metamath" or (d.query_field, d.response_field) == ("query", "response"),
+         f"data.query_field/data.response_field apply to data.format=metamath only; "
+         f"data.format={d.format} has fixed columns: drop the settings"),
+        (bool(d.split.strip()), "data.split is empty: name a split such as 'train'"),
         (d.max_length >= 8, f"data.max_length must be at least 8, got {d.max_length}"),
         (d.builtin_size > 0, f"data.builtin_size must be positive, got {d.builtin_size}"),
         (t.lr > 0, f"train.lr must be positive, got {t.lr}"),
@@ -266,8 +313,13 @@ def validate_run_config(cfg: RunConfig) -> None:
             raise ConfigError(message)
     if t.init_file and not os.path.isfile(t.init_file):
         raise ConfigError(f"train.init_file: no such file '{t.init_file}'")
-    if d.path and not os.path.exists(d.path):
-        raise ConfigError(f"data.path: no such file '{d.path}'")
+    kind = d.source_kind()
+    if kind == "builtin" and d.format != "metamath":
+        raise ConfigError(f"data.format={d.format} needs data.path: the built-in synthetic set (no "
+                          "data.path) has the metamath format")
+    if kind == "file" and (d.split != "train" or d.subset):
+        raise ConfigError(f"data.path '{d.path}' is a single file, which is one split: data.split and "
+                          "data.subset apply to directories and hub datasets only; drop them")
 
 
 # --------------------------------------------------------------------------- DeepSpeed config

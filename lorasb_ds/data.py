@@ -2,16 +2,28 @@
 
 The pipeline, in order:
 
-1. ``load_rows``: a ``datasets.Dataset`` with a query and a response column, read from a local
-   ``.json``/``.jsonl`` file or, with no file named, built from ``synthetic_math_rows`` (small
-   MetaMathQA-shaped arithmetic word problems, so a run needs no download).
-2. ``tokenize_rows``: prompt + response + eos as token ids; the loss is masked (-100) on the prompt,
+1. ``load_rows``: a ``datasets.Dataset`` read from ``data.path`` (a local ``.json``/``.jsonl``/
+   ``.parquet`` file, a local directory, or a hub dataset name with ``data.subset``/``data.split``)
+   or, with no path, built from ``synthetic_math_rows`` (small MetaMathQA-shaped arithmetic word
+   problems, so a run needs no download). Its columns are checked against ``data.format``.
+2. ``render_rows``: each row as prompt text and response text, as its format says:
+
+   * ``metamath``: ``query`` -> Alpaca prompt (or the plain query), ``response`` as is;
+   * ``alpaca``: ``instruction`` (+ ``input`` when not empty) -> Alpaca prompt, ``output``;
+   * ``commonsense``: as ``alpaca``, and the gold ``answer`` (``answer1``, ``option2``, ``true``, ...)
+     is kept for evaluation;
+   * ``chat``: ``messages`` minus the last (assistant) turn through the tokenizer's chat template with
+     the generation prompt, and the last assistant message as the response.
+
+3. ``tokenize_rows``: prompt + response + eos as token ids; the loss is masked (-100) on the prompt,
    so the model learns only to answer. Labels are *not* shifted: the HF model shifts them itself.
-3. ``collate``: right-pads a micro-batch into ``(batch, seq)`` int64 tensors.
-4. ``train_batches`` / ``estimation_batches``: lists of example indices for one rank. They are pure
+4. ``collate``: right-pads a micro-batch into ``(batch, seq)`` int64 tensors.
+5. ``train_batches`` / ``estimation_batches``: lists of example indices for one rank. They are pure
    functions of (sizes, rank, world size, seed), so every rank computes its own share without any
    communication, and every rank gets the same number of micro-batches (a rank that ran one batch
    more than the others would hang in the next collective).
+
+Everything up to the batches is deterministic: the rows keep the order of their source.
 """
 
 from __future__ import annotations
@@ -29,10 +41,18 @@ from .config import ConfigError, DataConfig
 
 IGNORE_INDEX = -100  # label value the HF cross-entropy skips
 
+FORMATS = ("metamath", "alpaca", "commonsense", "chat")
+
 ALPACA_TEMPLATE = (
     "Below is an instruction that describes a task. "
     "Write a response that appropriately completes the request.\n\n"
     "### Instruction:\n{query}\n\n### Response:\n"
+)
+# The Alpaca prompt of a row whose instruction comes with an input (context) to work on.
+ALPACA_INPUT_TEMPLATE = (
+    "Below is an instruction that describes a task, paired with an input that provides further "
+    "context. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{query}\n\n### Input:\n{input}\n\n### Response:\n"
 )
 
 
@@ -43,6 +63,13 @@ def format_prompt(query: str, template: str) -> str:
     if template == "plain":
         return query + "\n"
     raise ConfigError(f"data.prompt_template must be 'alpaca' or 'plain', got '{template}'")
+
+
+def alpaca_prompt(instruction: str, input_text: str | None = None) -> str:
+    """The Alpaca prompt with the input section when ``input_text`` holds more than whitespace."""
+    if input_text is not None and input_text.strip():
+        return ALPACA_INPUT_TEMPLATE.format(query=instruction, input=input_text)
+    return ALPACA_TEMPLATE.format(query=instruction)
 
 
 # --------------------------------------------------------------------------- built-in data
@@ -114,6 +141,15 @@ def synthetic_math_rows(n: int, seed: int) -> list[dict[str, str]]:
 
 # --------------------------------------------------------------------------- loading
 
+# Columns each format needs (besides metamath's configurable pair), with what they hold.
+_FORMAT_COLUMNS = {
+    "alpaca": {"instruction": "the instruction", "output": "the response"},
+    "commonsense": {"instruction": "the question with its choices", "output": "the response",
+                    "answer": "the gold answer (answer1, option2, true, ...)"},
+    "chat": {"messages": "the conversation, a list of {role, content}"},
+}
+_OPTIONAL_INPUT = "input"  # alpaca and commonsense: context after the instruction; may be absent
+
 
 def _is_blank(path: str) -> bool:
     """True when the file holds nothing but whitespace (reads only until the first real byte)."""
@@ -124,42 +160,230 @@ def _is_blank(path: str) -> bool:
     return True
 
 
+def _source_name(cfg: DataConfig) -> str:
+    """How error messages name where the rows come from."""
+    if not cfg.path:
+        return "the built-in data"
+    expanded = os.path.expanduser(cfg.path)
+    if os.path.isfile(expanded):
+        return f"data.path '{cfg.path}'"
+    subset = f"data.subset '{cfg.subset}', " if cfg.subset else ""
+    return f"data.path '{cfg.path}' ({subset}data.split '{cfg.split}')"
+
+
+def _formats_fitting(column_names) -> list[str]:
+    """Formats whose required columns are all present (commonsense before alpaca: it is the stricter)."""
+    cols = set(column_names)
+    fits = [f for f in ("commonsense", "alpaca", "chat") if set(_FORMAT_COLUMNS[f]) <= cols]
+    if {"query", "response"} <= cols:
+        fits.append("metamath")
+    return fits
+
+
 def _check_columns(column_names: list[str], cfg: DataConfig, source: str) -> None:
-    for setting, column in (("data.query_field", cfg.query_field),
-                            ("data.response_field", cfg.response_field)):
+    present = ", ".join(column_names)
+    others = [f for f in _formats_fitting(column_names) if f != cfg.format]
+    hint = f" (the columns fit data.format={others[0]})" if others else ""
+    if cfg.format == "metamath":
+        for setting, column in (("data.query_field", cfg.query_field),
+                                ("data.response_field", cfg.response_field)):
+            if column not in column_names:
+                raise ConfigError(
+                    f"{source} has no column '{column}' (columns present: {present}); "
+                    f"set {setting} to the column that holds the "
+                    f"{'query' if setting == 'data.query_field' else 'response'}, "
+                    f"or data.format to the layout of the data{hint}"
+                )
+        return
+    needed = _FORMAT_COLUMNS.get(cfg.format)
+    if needed is None:
+        raise ConfigError(f"data.format must be one of {', '.join(FORMATS)}, got '{cfg.format}'")
+    for column, what in needed.items():
         if column not in column_names:
             raise ConfigError(
-                f"{source} has no column '{column}' (columns present: {', '.join(column_names)}); "
-                f"set {setting} to the column that holds the "
-                f"{'query' if setting == 'data.query_field' else 'response'}"
+                f"{source} has no column '{column}' (columns present: {present}), which "
+                f"data.format={cfg.format} needs for {what}; data.format={cfg.format} expects columns "
+                f"{', '.join(needed)}{' (and optionally input)' if cfg.format != 'chat' else ''}: "
+                f"fix the data or set data.format to its layout{hint}"
             )
 
 
+def _load_file(cfg: DataConfig) -> datasets.Dataset:
+    path = os.path.expanduser(cfg.path)
+    lower = path.lower()
+    if lower.endswith((".json", ".jsonl")):
+        builder, kind = "json", "JSON/JSON Lines"
+        if _is_blank(path):
+            raise ConfigError(f"data.path '{cfg.path}' is empty: it holds no rows")
+    elif lower.endswith(".parquet"):
+        builder, kind = "parquet", "Parquet"
+    else:
+        raise ConfigError(f"data.path '{cfg.path}': expected a .json, .jsonl or .parquet file, a "
+                          "directory or a hub dataset name (convert other files to JSON Lines: one "
+                          "row per line, with the columns of data.format)")
+    if cfg.split != "train" or cfg.subset:
+        raise ConfigError(f"data.path '{cfg.path}' is a single file, which is one split: data.split "
+                          "and data.subset apply to directories and hub datasets only; drop them")
+    try:
+        return datasets.load_dataset(builder, data_files=path, split="train")
+    except Exception as e:  # datasets raises many types for malformed files
+        raise ConfigError(f"data.path '{cfg.path}' could not be read as {kind} (is it empty or "
+                          f"malformed?): {type(e).__name__}: {e}") from e
+
+
+def _load_directory(cfg: DataConfig) -> datasets.Dataset:
+    path = os.path.expanduser(cfg.path)
+    source = _source_name(cfg)
+    saved_dict = os.path.isfile(os.path.join(path, "dataset_dict.json"))
+    saved_one = os.path.isfile(os.path.join(path, "state.json"))
+    try:
+        if saved_dict or saved_one:  # written by save_to_disk
+            if cfg.subset:
+                raise ConfigError(f"data.path '{cfg.path}' was written by save_to_disk and has no "
+                                  "subsets: drop data.subset")
+            loaded = datasets.load_from_disk(path)
+            if saved_one:
+                if cfg.split != "train":
+                    raise ConfigError(f"data.path '{cfg.path}' holds a single saved split: drop "
+                                      "data.split")
+                return loaded
+            if cfg.split not in loaded:
+                raise ConfigError(f"{source}: no split '{cfg.split}' (splits present: "
+                                  f"{', '.join(loaded)}); set data.split to one of them")
+            return loaded[cfg.split]
+        return datasets.load_dataset(path, cfg.subset, split=cfg.split)
+    except ConfigError:
+        raise
+    except Exception as e:
+        raise ConfigError(f"{source} could not be loaded (check data.subset and data.split against "
+                          f"the files in it): {type(e).__name__}: {_short(e)}") from e
+
+
+def _load_hub(cfg: DataConfig) -> datasets.Dataset:
+    source = _source_name(cfg)
+    try:
+        return datasets.load_dataset(cfg.path, cfg.subset, split=cfg.split)
+    except Exception as e:
+        offline = bool(datasets.config.HF_HUB_OFFLINE) or any(
+            os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+            for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+        why = ("offline mode is on (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE), so it could not be "
+               "downloaded; download it on a machine with hub access (scripts/download_datasets.py) "
+               "and point data.path at the local copy" if offline else
+               "check the name, data.subset, data.split and network access; if you meant a local "
+               "path, it does not exist")
+        raise ConfigError(f"{source} is not a local file or directory, so it was read as a hub dataset "
+                          f"and could not be loaded: {why}. {type(e).__name__}: {_short(e)}") from e
+
+
+def _short(e: Exception, limit: int = 600) -> str:
+    text = str(e)
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
 def load_rows(cfg: DataConfig, seed: int) -> datasets.Dataset:
-    """The raw rows, checked to have ``cfg.query_field`` and ``cfg.response_field`` columns."""
-    if not cfg.path:
+    """The raw rows of ``cfg.path``, checked to be non-empty and to have the columns of ``cfg.format``."""
+    kind = cfg.source_kind()
+    if kind == "builtin":
+        if cfg.format != "metamath":
+            raise ConfigError(f"data.format={cfg.format} needs data.path: the built-in synthetic set "
+                              "(no data.path) has the metamath format")
         rows = synthetic_math_rows(cfg.builtin_size, seed)
         # Built-in rows follow the configured column names, so tokenize_rows needs no special case.
         rows = [{cfg.query_field: r["query"], cfg.response_field: r["response"]} for r in rows]
         return datasets.Dataset.from_list(rows)
 
-    path = cfg.path
-    if not path.lower().endswith((".json", ".jsonl")):
-        raise ConfigError(f"data.path '{path}': expected a .json or .jsonl file "
-                          "(convert other formats to JSON Lines: one {\"query\": ..., \"response\": ...} per line)")
-    if not os.path.isfile(path):
-        raise ConfigError(f"data.path: no such file '{path}'")
-    if _is_blank(path):
-        raise ConfigError(f"data.path '{path}' is empty: it holds no rows")
-    try:
-        ds = datasets.load_dataset("json", data_files=path, split="train")
-    except Exception as e:  # datasets raises many types for malformed files
-        raise ConfigError(f"data.path '{path}' could not be read as JSON/JSON Lines (is it empty or "
-                          f"malformed?): {type(e).__name__}: {e}") from e
+    ds = {"file": _load_file, "dir": _load_directory, "hub": _load_hub}[kind](cfg)
+    source = _source_name(cfg)
     if len(ds) == 0:
-        raise ConfigError(f"data.path '{path}' is empty: it holds no rows")
-    _check_columns(ds.column_names, cfg, f"data.path '{path}'")
+        raise ConfigError(f"{source} is empty: it holds no rows")
+    _check_columns(ds.column_names, cfg, source)
     return ds
+
+
+# --------------------------------------------------------------------------- prompts per format
+
+
+def _text(value, i: int, column: str, source: str, setting: str, optional: bool = False) -> str:
+    if optional and value is None:
+        return ""
+    if not isinstance(value, str):
+        raise ConfigError(f"row {i} of {source}: the '{column}' column ({setting}) holds {value!r}, "
+                          "not text; fix the row or point the setting at a text column")
+    return value
+
+
+def _render_chat(messages, i: int, tokenizer, source: str) -> tuple[str, str]:
+    where = f"row {i} of {source}"
+    if not isinstance(messages, list) or len(messages) < 2:
+        raise ConfigError(f"{where}: 'messages' (data.format=chat) must be a list of at least two "
+                          f"{{role, content}} turns ending with the assistant's, got {messages!r}"[:400])
+    turns = []
+    for m in messages:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) \
+                or not isinstance(m.get("content"), str):
+            raise ConfigError(f"{where}: every message (data.format=chat) needs a text 'role' and "
+                              f"'content', got {m!r}"[:400])
+        turns.append({"role": m["role"], "content": m["content"]})
+    if turns[-1]["role"] != "assistant":
+        raise ConfigError(f"{where}: the last message must be the assistant's answer to learn "
+                          f"(data.format=chat), got role '{turns[-1]['role']}'")
+    try:
+        prompt = tokenizer.apply_chat_template(turns[:-1], add_generation_prompt=True, tokenize=False)
+    except Exception as e:
+        raise ConfigError(f"{where}: the tokenizer's chat template rejected the conversation: "
+                          f"{type(e).__name__}: {_short(e, 300)}") from e
+    return prompt, turns[-1]["content"]
+
+
+def _chat_template_of(tokenizer) -> str | None:
+    return getattr(tokenizer, "chat_template", None) or None
+
+
+def render_rows(rows: datasets.Dataset, cfg: DataConfig, tokenizer=None) -> list[dict[str, str]]:
+    """Each row as ``{"prompt", "response"}`` text (plus ``"answer"`` for ``commonsense``).
+
+    ``tokenizer`` is needed only by ``data.format=chat`` (for its chat template). Evaluation code can
+    use the prompts as they are, and the commonsense answers as gold labels.
+    """
+    source = _source_name(cfg) if cfg.path else "the dataset"
+    _check_columns(rows.column_names, cfg, source)
+    fmt = cfg.format
+    out: list[dict[str, str]] = []
+    if fmt == "metamath":
+        queries, responses = list(rows[cfg.query_field]), list(rows[cfg.response_field])
+        for i, (q, r) in enumerate(zip(queries, responses)):
+            q = _text(q, i, cfg.query_field, source, "data.query_field")
+            r = _text(r, i, cfg.response_field, source, "data.response_field")
+            out.append({"prompt": format_prompt(q, cfg.prompt_template), "response": r})
+    elif fmt in ("alpaca", "commonsense"):
+        n = len(rows)
+        setting = f"data.format={fmt}"
+        instructions, outputs = list(rows["instruction"]), list(rows["output"])
+        inputs = list(rows[_OPTIONAL_INPUT]) if _OPTIONAL_INPUT in rows.column_names else [None] * n
+        answers = list(rows["answer"]) if fmt == "commonsense" else [None] * n
+        for i in range(n):
+            instruction = _text(instructions[i], i, "instruction", source, setting)
+            input_text = _text(inputs[i], i, "input", source, setting, optional=True)
+            item = {"prompt": alpaca_prompt(instruction, input_text),
+                    "response": _text(outputs[i], i, "output", source, setting)}
+            if fmt == "commonsense":
+                item["answer"] = _text(answers[i], i, "answer", source, setting)
+            out.append(item)
+    elif fmt == "chat":
+        if tokenizer is None or _chat_template_of(tokenizer) is None:
+            name = getattr(tokenizer, "name_or_path", "") or "the built-in tiny tokenizer"
+            raise ConfigError(
+                f"data.format=chat needs a tokenizer with a chat template, and {name} has none "
+                "(tokenizer.chat_template is empty); use the tokenizer of a chat/instruct model "
+                "(model.name_or_path), or convert the data to data.format=alpaca"
+            )
+        for i, messages in enumerate(rows["messages"]):
+            prompt, response = _render_chat(messages, i, tokenizer, source)
+            out.append({"prompt": prompt, "response": response})
+    else:
+        raise ConfigError(f"data.format must be one of {', '.join(FORMATS)}, got '{fmt}'")
+    return out
 
 
 # --------------------------------------------------------------------------- tokenizing
@@ -171,22 +395,19 @@ def tokenize_rows(rows: datasets.Dataset, tokenizer, cfg: DataConfig) -> tuple[l
     ``input_ids = prompt + response + [eos]``; ``labels`` is -100 on the prompt and equals
     ``input_ids`` on the rest. Both are cut to ``cfg.max_length``. A row whose prompt alone fills
     ``max_length`` has no label left to learn from (its loss would be 0/0); it is dropped, and
-    counted among the truncated ones.
-    """
-    _check_columns(rows.column_names, cfg, "the dataset")
-    queries, responses = list(rows[cfg.query_field]), list(rows[cfg.response_field])
-    for i, (q, r) in enumerate(zip(queries, responses)):
-        for setting, value in (("data.query_field", q), ("data.response_field", r)):
-            if not isinstance(value, str):
-                raise ConfigError(f"row {i}: the {setting} column holds {value!r}, not text; "
-                                  "fix the row or point the setting at a text column")
+    counted among the truncated ones. ``commonsense`` examples also carry their gold ``"answer"``.
 
-    prompts = [format_prompt(q, cfg.prompt_template) for q in queries]
-    prompt_ids = tokenizer(prompts)["input_ids"]
+    The prompt is tokenized with the tokenizer's special tokens (``<s>``/bos first), except for
+    ``chat``, whose template writes the special tokens itself.
+    """
+    rendered = render_rows(rows, cfg, tokenizer)
+    prompts = [item["prompt"] for item in rendered]
+    responses = [item["response"] for item in rendered]
+    prompt_ids = tokenizer(prompts, add_special_tokens=cfg.format != "chat")["input_ids"]
     response_ids = tokenizer(responses, add_special_tokens=False)["input_ids"]
 
     examples, truncated = [], 0
-    for p, r in zip(prompt_ids, response_ids):
+    for item, p, r in zip(rendered, prompt_ids, response_ids):
         r = r + [tokenizer.eos_token_id]
         input_ids = p + r
         labels = [IGNORE_INDEX] * len(p) + r
@@ -195,8 +416,27 @@ def tokenize_rows(rows: datasets.Dataset, tokenizer, cfg: DataConfig) -> tuple[l
             input_ids, labels = input_ids[: cfg.max_length], labels[: cfg.max_length]
             if len(p) >= cfg.max_length:
                 continue
-        examples.append({"input_ids": input_ids, "labels": labels})
+        example = {"input_ids": input_ids, "labels": labels}
+        if "answer" in item:
+            example["answer"] = item["answer"]
+        examples.append(example)
     return examples, truncated
+
+
+def describe_truncation(truncated: int, max_length: int, num_rows: int, num_examples: int) -> str:
+    """One report line on truncation, e.g. for the trainer to print after ``tokenize_rows``.
+
+    ``num_rows``: rows given to ``tokenize_rows``; ``num_examples``: examples it returned (rows whose
+    prompt alone fills ``max_length`` are dropped).
+    """
+    if truncated == 0:
+        return f"no sample is longer than data.max_length={max_length} tokens ({num_rows} samples)"
+    dropped = num_rows - num_examples
+    line = (f"{truncated} of {num_rows} samples ({100.0 * truncated / max(num_rows, 1):.1f}%) are longer "
+            f"than data.max_length={max_length} tokens and were cut")
+    if dropped:
+        line += f"; {dropped} of them were dropped, their prompt alone filling max_length"
+    return line + "; raise data.max_length to keep them whole"
 
 
 def collate(examples: list[dict[str, list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
