@@ -3,6 +3,8 @@
 ``lorasb train --ds_config ds_configs/zero3.json [--config run.yaml] [key=value ...]``
 ``lorasb export --adapter OUT/adapter --out DIR [--base_model NAME]``   (a stock PEFT LoRA adapter)
 ``lorasb merge --base_model DIR --adapter OUT/adapter --out DIR``      (W0 + B R A, shard by shard)
+``lorasb eval --task gsm8k|math|commonsense --data FILE.jsonl --adapter OUT/adapter --out DIR [--model DIR]``
+    (greedy generation and answer scoring; shard over ranks with torchrun)
 ``lorasb plan --model_config config.json --r 96 --world_size 64 [--device_memory_gb 80]``
     (memory and traffic per rank from the model's config alone; exit 1 when it does not fit)
 """
@@ -39,7 +41,36 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--adapter", required=True, help="the adapter/ directory written by `lorasb train`")
     merge.add_argument("--out", required=True, help="new (or empty) directory for the merged checkpoint")
     add_plan_parser(sub)
+    add_eval_parser(sub)
     return parser
+
+
+EVAL_TASKS = ("gsm8k", "math", "commonsense")  # evaluate.TASKS, kept here so the parser imports no torch
+EVAL_MAX_NEW_TOKENS = 256  # evaluate.DEFAULT_MAX_NEW_TOKENS
+
+
+def add_eval_parser(sub) -> None:
+    ev = sub.add_parser("eval", help="generate answers with a trained adapter and score them (GSM8K, MATH, "
+                                     "commonsense); rows are sharded over the ranks of a torchrun launch")
+    ev.add_argument("--task", required=True, choices=EVAL_TASKS, help="scoring rules and data columns")
+    ev.add_argument("--data", required=True, help="local .json/.jsonl (gsm8k: question/answer; math: problem "
+                                                 "and answer or solution; commonsense: instruction/answer)")
+    ev.add_argument("--adapter", required=True, help="the adapter/ directory written by `lorasb train`")
+    ev.add_argument("--out", required=True, help="directory for generations.jsonl and summary.json")
+    ev.add_argument("--model", help="local base model directory (default: the built-in tiny Llama)")
+    ev.add_argument("--max_new_tokens", type=int, default=EVAL_MAX_NEW_TOKENS,
+                    help="greedy tokens generated per row (default: %(default)s)")
+    ev.add_argument("--batch_size", type=int, default=8, help="prompts per generate call per rank "
+                                                              "(default: %(default)s)")
+    ev.add_argument("--limit", type=int, default=0, help="evaluate only the first N rows (0: all)")
+    ev.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                    help="model dtype (auto: bf16 on a GPU that supports it, else fp32)")
+    ev.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                    help="auto: cuda:LOCAL_RANK when CUDA is available, else the CPU")
+    ev.add_argument("--dist_timeout_minutes", type=float, default=60.0,
+                    help="timeout of the final gather of results to rank 0 (default: %(default)s)")
+    ev.add_argument("--trust_remote_code", action="store_true", help="passed to transformers")
+    ev.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed runner
 
 
 def add_plan_parser(sub) -> None:
@@ -78,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[lorasb] merge: written to {merge_checkpoint(args.base_model, args.adapter, args.out)}")
         elif args.command == "plan":
             return plan(args)
+        elif args.command == "eval":
+            evaluate(args)
     except ConfigError as e:
         print(f"lorasb: error: {e}", file=sys.stderr)
         return 2
@@ -100,6 +133,15 @@ def train(args: argparse.Namespace) -> None:
     from .train import run  # DeepSpeed is imported only for training
 
     run(cfg, ds_config)
+
+
+def evaluate(args: argparse.Namespace) -> None:
+    from .evaluate import EvalSettings, run_eval
+
+    run_eval(EvalSettings(task=args.task, data=args.data, adapter=args.adapter, out=args.out, model=args.model,
+                          max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, limit=args.limit,
+                          dtype=args.dtype, device=args.device, dist_timeout_minutes=args.dist_timeout_minutes,
+                          trust_remote_code=args.trust_remote_code))
 
 
 def plan(args: argparse.Namespace) -> int:

@@ -96,6 +96,45 @@ def load_adapter(adapter_dir: str) -> tuple[Adapter, dict]:
     return adapter, meta
 
 
+def apply_adapter(model: torch.nn.Module, adapter_dir: str) -> dict:
+    """Wrap the adapter's targets of a plain (unpartitioned) model and load ``B``, ``A``, trained ``R``.
+
+    Every module named in the adapter becomes a ``LoRASBLinear`` (``surgery.wrap_targets`` with the
+    adapter's targets and r; the whole model is frozen) holding the adapter's tensors in the dtype and
+    on the device of its base weight, so the model computes ``W0 x + b + B R A x`` at each target.
+    Everything is checked before the model is touched: the adapter's modules must be exactly the
+    model's targets, with the same (out, in) shapes. Returns ``{module name: LoRASBLinear}``.
+    """
+    from .layer import shape_of
+    from .surgery import find_targets, wrap_targets
+
+    adapter, meta = load_adapter(adapter_dir)
+    targets, r = list(meta["target_modules"]), int(meta["r"])
+    hint = f"pass the model the adapter was trained on ({meta.get('model')})"
+    try:
+        found = dict(find_targets(model, targets, r))
+    except ConfigError as e:
+        raise ConfigError(f"--adapter {adapter_dir} does not fit this model: {e}; {hint}") from None
+    missing, extra = sorted(set(adapter) - set(found)), sorted(set(found) - set(adapter))
+    if missing or extra:
+        raise ConfigError(f"--adapter {adapter_dir} does not fit this model: adapter modules not in the model "
+                          f"{missing[:3]}, model targets not in the adapter {extra[:3]}; {hint}")
+    for name, linear in found.items():
+        B, A, _ = adapter[name]
+        if shape_of(linear) != (B.shape[0], A.shape[1]):
+            raise ConfigError(f"--adapter {adapter_dir} does not fit this model: '{name}' is {shape_of(linear)} "
+                              f"in the model, {(B.shape[0], A.shape[1])} in the adapter; {hint}")
+    layers = wrap_targets(model, targets, r)
+    with torch.no_grad():
+        for name, layer in layers.items():
+            B, A, R = adapter[name]
+            layer.to(layer.base.weight.device)
+            layer.lora_B.copy_(B)
+            layer.lora_A.copy_(A)
+            layer.lora_R.copy_(R)
+    return layers
+
+
 def _read_lorasb_meta(path: str, expected_format: str, adapter_dir: str) -> dict:
     """The JSON under the safetensors metadata key ``lorasb``, checked to be of ``expected_format``."""
     if not os.path.isfile(path):

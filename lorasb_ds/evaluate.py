@@ -1,0 +1,729 @@
+"""Evaluation of a trained LoRA-SB adapter: greedy generation and answer scoring.
+
+``lorasb eval --task gsm8k|math|commonsense --data FILE.jsonl [--model DIR] --adapter OUT/adapter --out DIR``
+
+What it does, in order:
+
+1. **Checks** (every rank, nothing loaded yet): the data file and its columns, every row's gold
+   answer, the adapter files, the output directory, the launch variables. A problem is a
+   ``ConfigError`` (exit code 2) naming the file, column or row.
+2. **Model**: the base model (``AutoModelForCausalLM.from_pretrained(--model)``, or the built-in tiny
+   Llama when no model is given), with the adapter applied by ``export.apply_adapter``: every target
+   Linear wrapped in ``LoRASBLinear`` holding ``B``, ``A`` and the trained ``R``. Plain torch, no
+   DeepSpeed: each rank holds the whole model on one device (``cuda:LOCAL_RANK`` when CUDA is
+   available, else the CPU).
+3. **Generation**: greedy decoding (``do_sample=False``, one beam) of at most ``--max_new_tokens``
+   tokens, in batches of ``--batch_size`` prompts, left padded. Within a rank the prompts are taken
+   longest first, which keeps padding small; greedy results do not depend on the batch a prompt is in
+   (up to float rounding).
+4. **Sharding**: started by ``torchrun`` (or anything else that sets RANK, WORLD_SIZE, MASTER_ADDR,
+   MASTER_PORT, e.g. the ``deepspeed`` runner), rank k generates rows k, k + world, k + 2 world, ...
+   Generation needs no communication; afterwards every rank makes exactly one ``gather_object`` to
+   rank 0 and one ``broadcast_object_list`` of the outcome (gloo: only Python objects travel), so a
+   rank with fewer rows, or none, cannot make the others hang, and an error on any rank is reported
+   by all. A single process needs no launcher.
+5. **Outputs** (rank 0): ``generations.jsonl`` (one line per row, in data order) and ``summary.json``.
+
+Prompts
+-------
+The Alpaca template of training (``data.ALPACA_TEMPLATE``) with the query as instruction. For GSM8K
+and MATH the response header is followed by the reference's chain-of-thought cue, so the prompt ends
+``### Response: Let's think step by step.``; commonsense rows get exactly the prompt of training
+(``data.alpaca_prompt``: the ``### Input:`` section when ``input`` is not empty).
+
+Data (local ``.json`` / ``.jsonl``, read with ``datasets``)
+-----------------------------------------------------------
+* ``gsm8k``: ``question``, ``answer``. Gold: the number after the last ``####`` of ``answer``; an
+  ``answer`` without ``####`` must be a number by itself (e.g. ``"72"`` or ``72``).
+* ``math``: ``problem`` and either ``answer`` (the final answer, used as given) or ``solution`` (gold:
+  the content of its last ``\\boxed{...}`` / ``\\fbox{...}``, braces balanced).
+* ``commonsense``: ``instruction``, ``answer``, optional ``input`` (the LLM-Adapters layout). Gold: one
+  of the answer tokens ``answer1``-``answer5``, ``option1``-``option2``, ``solution1``-``solution2``,
+  ``ending1``-``ending4``, ``true``/``false``; the token's family decides which tokens are looked for
+  in that row's generation.
+
+Scoring
+-------
+Numbers (GSM8K and MATH): an optional sign (``-``, ``+``, ``−``) not glued to a preceding letter,
+digit or closing bracket and directly followed by the digits (or by ``$`` and the digits); digits with
+optional thousands separators (``1,234``: groups of exactly three) and an optional decimal part
+(``3.50``, ``.5``); optionally ``/digits`` directly after (``3/4``, a fraction). Values are exact
+rationals (``fractions.Fraction``), so ``3.50 == 3.5``, ``3/4 == 0.75``, ``1,234 == 1234``, but
+``0.33 != 1/3``. Anything around a number (``$``, ``%``, a trailing period, units) is not part of it.
+A zero denominator leaves the numerator alone. Number words are not numbers.
+
+* GSM8K strict: the first number after the last ``The answer is:`` (any spacing around ``is`` and
+  ``:``; case as written); no marker or no number after it: no prediction, wrong.
+* MATH strict: the text after the last ``The answer is:`` up to the end of its line, with ``$``
+  signs and a trailing period removed; correct when its normalized form equals the gold's
+  (``normalize_math``) or both read as the same number (``math_value``: plain numbers, ``a/b``,
+  ``\\frac{a}{b}``, a leading minus).
+* Flexible (GSM8K and MATH): the last number anywhere in the generation, compared with the gold's
+  value (a MATH gold that is not a number cannot be matched this way).
+* Commonsense strict: the first token of the gold's family found in the generation as a whole word
+  (not part of a longer word or number; case-sensitive, as the datasets write them), exact match with
+  the gold. Commonsense flexible: the last such token.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from fractions import Fraction
+
+import torch
+
+from .config import ConfigError
+from .data import alpaca_prompt, format_prompt
+
+TASKS = ("gsm8k", "math", "commonsense")
+DEFAULT_MAX_NEW_TOKENS = 256
+GENERATIONS_FILE = "generations.jsonl"
+SUMMARY_FILE = "summary.json"
+COT_CUE = " Let's think step by step."
+RESPONSE_HEADER = "### Response:"
+
+# --------------------------------------------------------------------------- numbers
+
+_NUMBER = re.compile(
+    r"(?:(?<![\w)\]}])(?P<sign>[-+\u2212])(?=\$?[\d.]))?"  # a sign not glued to the preceding text
+    r"\$?"
+    r"(?P<num>(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?|\.\d+)"  # 1,234.5 | 1234.5 | .5
+    r"(?:/(?P<den>\d+)(?!\.\d))?"  # a fraction 3/4 (not 3/4.5)
+)
+
+_ANSWER_MARKER = re.compile(r"The\s+answer\s+is\s*:")
+
+
+def _number_value(match: re.Match) -> Fraction:
+    value = Fraction(match.group("num").replace(",", ""))
+    den = match.group("den")
+    if den is not None and int(den) != 0:
+        value /= int(den)
+    if match.group("sign") in ("-", "\u2212"):
+        value = -value
+    return value
+
+
+def find_numbers(text: str) -> list[Fraction]:
+    """Every number in ``text``, in order, as exact rationals (see the module docstring)."""
+    return [_number_value(m) for m in _NUMBER.finditer(text)]
+
+
+def parse_number(text: str) -> Fraction | None:
+    """``text`` as one number, allowing surrounding spaces, ``$``, ``%`` and a trailing period."""
+    stripped = text.strip().rstrip(".").strip().removesuffix("%").strip()
+    match = _NUMBER.fullmatch(stripped)
+    return _number_value(match) if match else None
+
+
+def format_number(value: Fraction | None) -> str | None:
+    """Canonical text of a value: ``1234``, ``-3.5``, ``1/3`` (a fraction when no finite decimal exists)."""
+    if value is None:
+        return None
+    if value.denominator == 1:
+        return str(value.numerator)
+    for digits in range(1, 40):
+        scaled = value * 10 ** digits
+        if scaled.denominator == 1:
+            sign = "-" if scaled < 0 else ""
+            text = str(abs(scaled.numerator)).rjust(digits + 1, "0")
+            return f"{sign}{text[:-digits]}.{text[-digits:]}"
+    return f"{value.numerator}/{value.denominator}"
+
+
+def text_after_answer_marker(generation: str) -> str | None:
+    """What follows the last ``The answer is:`` of the generation; None without one."""
+    last = None
+    for last in _ANSWER_MARKER.finditer(generation):
+        pass
+    return None if last is None else generation[last.end():]
+
+
+def extract_strict(generation: str) -> Fraction | None:
+    """GSM8K strict: the first number after the last ``The answer is:``."""
+    rest = text_after_answer_marker(generation)
+    if rest is None:
+        return None
+    match = _NUMBER.search(rest)
+    return _number_value(match) if match else None
+
+
+def extract_flexible(generation: str) -> Fraction | None:
+    """The last number anywhere in the generation."""
+    numbers = find_numbers(generation)
+    return numbers[-1] if numbers else None
+
+
+def gsm8k_gold(answer) -> Fraction:
+    """The number after the last ``####`` of a GSM8K answer, or the answer itself when it is a number.
+
+    Raises ValueError when there is none.
+    """
+    text = str(answer)
+    head, sep, tail = text.rpartition("####")
+    if sep:
+        match = _NUMBER.search(tail)
+        if match is None:
+            raise ValueError(f"no number after '####' in {tail.strip()[:60]!r}")
+        return _number_value(match)
+    value = parse_number(text)
+    if value is None:
+        raise ValueError(f"no '####' and not a number: {text.strip()[:60]!r}")
+    return value
+
+
+# --------------------------------------------------------------------------- MATH answers
+
+_BOXED = re.compile(r"\\(?:boxed|fbox)\s*")
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last ``\\boxed{...}`` (or ``\\fbox{...}``, or ``\\boxed 5``) in ``text``."""
+    starts = list(_BOXED.finditer(text))
+    for match in reversed(starts):
+        i = match.end()
+        if i < len(text) and text[i] == "{":
+            depth = 0
+            for j in range(i, len(text)):
+                depth += {"{": 1, "}": -1}.get(text[j], 0)
+                if depth == 0:
+                    return text[i + 1:j].strip()
+            continue  # unbalanced: try an earlier one
+        token = re.match(r"[^\s$]+", text[i:])
+        if token:
+            return token.group(0).strip()
+    return None
+
+
+def extract_math_strict(generation: str) -> str | None:
+    """MATH strict: the rest of the line after the last ``The answer is:``, ``$`` and a final period gone."""
+    rest = text_after_answer_marker(generation)
+    if rest is None:
+        return None
+    line = rest.strip().split("\n", 1)[0].strip()
+    line = line.replace("$", "").strip().rstrip(".").strip()
+    return line or None
+
+
+def normalize_math(answer: str) -> str:
+    """A comparable form of a MATH answer: LaTeX spacing, sizing, ``\\text``, degrees, percent and dollar
+    signs, ``\\dfrac``/``\\tfrac``, a leading ``x =`` and a trailing period dropped; ``\\frac12`` and
+    ``\\sqrt2`` braced; all whitespace removed."""
+    s = answer.strip()
+    if _BOXED.match(s):
+        s = last_boxed(s) or s
+    s = re.sub(r"\\(?:text|textbf|mbox|mathrm)\s*\{([^{}]*)\}", r"\1", s)
+    for old, new in (("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("\\left", ""), ("\\right", ""),
+                     ("\\displaystyle", ""), ("^{\\circ}", ""), ("^\\circ", ""), ("\\%", ""), ("%", ""),
+                     ("\\$", ""), ("$", ""), ("\\!", ""), ("\\,", ""), ("\\;", ""), ("\\:", ""),
+                     ("\\ ", "")):
+        s = s.replace(old, new)
+    s = re.sub(r"\s+", "", s)
+    s = re.sub(r"^[A-Za-z]=(?=.)", "", s)  # "x=5" -> "5"
+    s = re.sub(r"\\frac(\d)(\d)", r"\\frac{\1}{\2}", s)
+    s = re.sub(r"\\sqrt(\d)", r"\\sqrt{\1}", s)
+    return s.rstrip(".")
+
+
+_LATEX_FRAC = re.compile(r"(?P<neg>-?)\\frac\{(?P<a>[^{}]+)\}\{(?P<b>[^{}]+)\}")
+
+
+def math_value(answer: str) -> Fraction | None:
+    """A MATH answer as a number when it is one: ``12``, ``-3.5``, ``1,000``, ``3/4``, ``\\frac{3}{4}``,
+    ``-\\frac{1}{2}``; None otherwise."""
+    s = normalize_math(answer)
+    frac = _LATEX_FRAC.fullmatch(s)
+    if frac:
+        a, b = parse_number(frac.group("a")), parse_number(frac.group("b"))
+        if a is None or b is None or b == 0:
+            return None
+        value = a / b
+        return -value if frac.group("neg") else value
+    return parse_number(s)
+
+
+def math_equal(prediction: str | None, gold: str) -> bool:
+    if prediction is None:
+        return False
+    if normalize_math(prediction) == normalize_math(gold):
+        return True
+    a, b = math_value(prediction), math_value(gold)
+    return a is not None and a == b
+
+
+def math_gold(row: dict) -> str:
+    """The gold answer of a MATH row: its ``answer`` when present, else the last boxed of ``solution``."""
+    given = row.get("answer")
+    if given is not None and str(given).strip():
+        return str(given).strip()
+    boxed = last_boxed(str(row.get("solution") or ""))
+    if not boxed:
+        raise ValueError("no 'answer' and no \\boxed{...} in 'solution'")
+    return boxed
+
+
+# --------------------------------------------------------------------------- commonsense answers
+
+COMMONSENSE_FAMILIES = {
+    "answer": ["answer1", "answer2", "answer3", "answer4", "answer5"],
+    "option": ["option1", "option2"],
+    "solution": ["solution1", "solution2"],
+    "ending": ["ending1", "ending2", "ending3", "ending4"],
+    "true/false": ["true", "false"],
+}
+_FAMILY_PATTERNS = {
+    family: re.compile(r"(?<![A-Za-z0-9_])(" + "|".join(tokens) + r")(?![A-Za-z0-9_])")
+    for family, tokens in COMMONSENSE_FAMILIES.items()
+}
+
+
+def commonsense_family(gold) -> str:
+    """The family of a gold answer token (``answer3`` -> ``answer``); ValueError for anything else."""
+    token = str(gold).strip()
+    for family, tokens in COMMONSENSE_FAMILIES.items():
+        if token in tokens:
+            return family
+    known = ", ".join(t for tokens in COMMONSENSE_FAMILIES.values() for t in tokens)
+    raise ValueError(f"{token[:40]!r} is not an answer token ({known})")
+
+
+def extract_commonsense(generation: str, family: str, last: bool = False) -> str | None:
+    """The first (or ``last``) token of ``family`` in the generation, as a whole word; None if absent."""
+    found = _FAMILY_PATTERNS[family].findall(generation)
+    if not found:
+        return None
+    return found[-1] if last else found[0]
+
+
+# --------------------------------------------------------------------------- rows and scores
+
+
+@dataclass
+class Example:
+    index: int
+    query: str
+    prompt: str
+    gold: str  # canonical text of the gold answer
+    gold_value: Fraction | None = None  # GSM8K / MATH: the gold as a number, when it is one
+    family: str | None = None  # commonsense: the gold token's family
+
+
+def score(task: str, generation: str, example: Example) -> dict:
+    """``prediction_strict``, ``prediction_flexible`` (text or None) and ``correct_strict``,
+    ``correct_flexible`` of one generation (see the module docstring)."""
+    if task == "commonsense":
+        strict = extract_commonsense(generation, example.family)
+        flexible = extract_commonsense(generation, example.family, last=True)
+        ok_strict, ok_flexible = strict == example.gold, flexible == example.gold
+    elif task == "gsm8k":
+        strict_value, flexible_value = extract_strict(generation), extract_flexible(generation)
+        strict, flexible = format_number(strict_value), format_number(flexible_value)
+        ok_strict = strict_value is not None and strict_value == example.gold_value
+        ok_flexible = flexible_value is not None and flexible_value == example.gold_value
+    elif task == "math":
+        strict = extract_math_strict(generation)
+        flexible_value = extract_flexible(generation)
+        flexible = format_number(flexible_value)
+        ok_strict = math_equal(strict, example.gold)
+        ok_flexible = flexible_value is not None and flexible_value == example.gold_value
+    else:
+        raise ConfigError(f"--task must be one of {', '.join(TASKS)}, got {task!r}")
+    return {"prediction_strict": strict, "prediction_flexible": flexible,
+            "correct_strict": bool(ok_strict), "correct_flexible": bool(ok_flexible)}
+
+
+def math_prompt(query: str) -> str:
+    """The Alpaca prompt with the reference's cue: ``... ### Response: Let's think step by step.``"""
+    text = format_prompt(query, "alpaca")
+    head, sep, tail = text.rpartition(RESPONSE_HEADER)
+    if not sep or tail.strip():
+        return text + COT_CUE.strip()
+    return head + sep + COT_CUE
+
+
+COLUMNS = {"gsm8k": ("question", "answer"), "math": ("problem",), "commonsense": ("instruction", "answer")}
+
+
+def _read_rows(path: str):
+    import datasets
+
+    if not path.lower().endswith((".json", ".jsonl")):
+        raise ConfigError(f"--data {path}: expected a .json or .jsonl file")
+    if not os.path.isfile(path):
+        raise ConfigError(f"--data: no such file '{path}'")
+    with open(path, "rb") as f:
+        blank = not f.read(1 << 16).strip()
+    if blank:
+        raise ConfigError(f"--data {path} is empty: it holds no rows")
+    try:
+        return datasets.load_dataset("json", data_files=path, split="train")
+    except Exception as e:  # datasets raises many types for malformed files
+        raise ConfigError(f"--data {path} could not be read as JSON/JSON Lines: {type(e).__name__}: {e}") from e
+
+
+def load_examples(task: str, path: str, limit: int = 0) -> list[Example]:
+    """The rows of ``path`` as examples with prompts and parsed golds; every row checked up front."""
+    if task not in TASKS:
+        raise ConfigError(f"--task must be one of {', '.join(TASKS)}, got {task!r}")
+    ds = _read_rows(path)
+    columns = ds.column_names
+    missing = [c for c in COLUMNS[task] if c not in columns]
+    if task == "math" and "answer" not in columns and "solution" not in columns:
+        missing.append("answer or solution")
+    if missing:
+        raise ConfigError(f"--data {path}: no column {', '.join(repr(c) for c in missing)} for --task {task} "
+                          f"(columns present: {', '.join(columns)}); {task} needs {_needs(task)}")
+    if len(ds) == 0:
+        raise ConfigError(f"--data {path} is empty: it holds no rows")
+    if limit:
+        ds = ds.select(range(min(limit, len(ds))))
+    examples = []
+    for i, row in enumerate(ds):
+        try:
+            examples.append(_example(task, i, row))
+        except ValueError as e:
+            raise ConfigError(f"--data {path}, row {i}: cannot read the gold answer: {e}") from None
+    return examples
+
+
+def _needs(task: str) -> str:
+    return {"gsm8k": "'question' and 'answer' (with '#### <number>')",
+            "math": "'problem' and 'answer' or 'solution' (with \\boxed{...})",
+            "commonsense": "'instruction' and 'answer' (an answer token), optionally 'input'"}[task]
+
+
+def _example(task: str, index: int, row: dict) -> Example:
+    if task == "gsm8k":
+        value = gsm8k_gold(row["answer"])
+        query = str(row["question"])
+        return Example(index, query, math_prompt(query), format_number(value), gold_value=value)
+    if task == "math":
+        gold = math_gold(row)
+        query = str(row["problem"])
+        return Example(index, query, math_prompt(query), gold, gold_value=math_value(gold))
+    gold = str(row["answer"]).strip()
+    family = commonsense_family(gold)
+    query = str(row["instruction"])
+    extra = row.get("input")
+    return Example(index, query, alpaca_prompt(query, None if extra is None else str(extra)), gold,
+                   family=family)
+
+
+# --------------------------------------------------------------------------- model
+
+
+@dataclass
+class EvalSettings:
+    task: str
+    data: str
+    adapter: str
+    out: str
+    model: str | None = None
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    batch_size: int = 8
+    limit: int = 0
+    dtype: str = "auto"
+    device: str = "auto"
+    dist_timeout_minutes: float = 60.0
+    trust_remote_code: bool = False
+
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def check_settings(s: EvalSettings) -> None:
+    if s.task not in TASKS:
+        raise ConfigError(f"--task must be one of {', '.join(TASKS)}, got {s.task!r}")
+    for name, value, low in (("--max_new_tokens", s.max_new_tokens, 1), ("--batch_size", s.batch_size, 1),
+                             ("--limit", s.limit, 0)):
+        if value < low:
+            raise ConfigError(f"{name} must be at least {low}, got {value}")
+    if s.dtype != "auto" and s.dtype not in _DTYPES:
+        raise ConfigError(f"--dtype must be auto, fp32, bf16 or fp16, got {s.dtype!r}")
+    if s.device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"--device must be auto, cpu or cuda, got {s.device!r}")
+    if s.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda but no CUDA device is visible; use --device cpu")
+    if s.dist_timeout_minutes <= 0:
+        raise ConfigError(f"--dist_timeout_minutes must be positive, got {s.dist_timeout_minutes}")
+    if s.model and not os.path.isdir(os.path.expanduser(s.model)):
+        looks_local = s.model.startswith((".", "/", "~")) or s.model.count("/") > 1
+        if looks_local:
+            raise ConfigError(f"--model: no such directory '{s.model}'")
+    if not os.path.isdir(s.adapter):
+        raise ConfigError(f"--adapter: no such directory '{s.adapter}'; pass the adapter/ directory "
+                          "written by `lorasb train`")
+    if os.path.exists(s.out) and not os.path.isdir(s.out):
+        raise ConfigError(f"--out {s.out} exists and is not a directory")
+    parent = os.path.abspath(s.out)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.access(parent, os.W_OK):
+        raise ConfigError(f"--out {s.out}: {parent} is not writable")
+
+
+def pick_device(s: EvalSettings) -> torch.device:
+    if s.device == "cpu" or (s.device == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0") or 0)
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
+
+
+def pick_dtype(s: EvalSettings, device: torch.device) -> torch.dtype:
+    if s.dtype != "auto":
+        return _DTYPES[s.dtype]
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def load_model_and_tokenizer(s: EvalSettings, device: torch.device, dtype: torch.dtype):
+    """The base model with the adapter applied (eval mode, on ``device``) and a left-padding tokenizer."""
+    from .export import apply_adapter
+
+    if s.model:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(s.model, trust_remote_code=s.trust_remote_code)
+            # straight onto the GPU: no rank holds a host copy of the whole model
+            placement = {"device_map": {"": str(device)}} if device.type == "cuda" else {}
+            model = AutoModelForCausalLM.from_pretrained(s.model, dtype=dtype,
+                                                         trust_remote_code=s.trust_remote_code, **placement)
+        except OSError as e:
+            raise ConfigError(f"--model {s.model}: cannot load it ({e}); pass a local model directory") from None
+    else:
+        from .modeling import tiny_llama, tiny_tokenizer
+
+        tokenizer, model = tiny_tokenizer(), tiny_llama(dtype)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    apply_adapter(model, s.adapter)
+    return model.to(device).eval(), tokenizer
+
+
+@torch.inference_mode()
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int,
+             device: torch.device, progress=None) -> list[str]:
+    """Greedy continuations of ``prompts`` (same order), decoded without special tokens.
+
+    Token ids the tokenizer does not know (``len(tokenizer)`` up to the model's vocabulary size) are
+    suppressed. Batches are formed longest prompt first; each is left padded, so every prompt ends at the last
+    input position and generation starts for all rows at once.
+    """
+    from transformers import GenerationConfig
+
+    # Ids past the tokenizer's vocabulary (an embedding padded to a round size) decode to nothing: never
+    # pick them.
+    head = model.get_output_embeddings()
+    vocab = head.weight.shape[0] if head is not None else getattr(model.config, "vocab_size", len(tokenizer))
+    unreachable = list(range(len(tokenizer), vocab)) or None
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                              bos_token_id=tokenizer.bos_token_id, suppress_tokens=unreachable)
+    lengths = [len(tokenizer(p)["input_ids"]) for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: (-lengths[i], i))
+    texts: list[str | None] = [None] * len(prompts)
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    for b, batch in enumerate(batches):
+        enc = tokenizer([prompts[i] for i in batch], return_tensors="pt", padding=True)
+        enc = {k: v.to(device) for k, v in enc.items()}
+        out = model.generate(**enc, generation_config=config)
+        new_tokens = out[:, enc["input_ids"].shape[1]:].cpu()
+        decoded = tokenizer.batch_decode(new_tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        for i, text in zip(batch, decoded):
+            texts[i] = text
+        if progress:
+            progress(b + 1, len(batches))
+    return texts
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def _launch_world() -> tuple[int, int]:
+    """(rank, world size) from RANK / WORLD_SIZE (torchrun, the deepspeed runner, by hand); (0, 1) without."""
+    env = os.environ
+    try:
+        world = int(env.get("WORLD_SIZE") or 1)
+        rank = int(env.get("RANK") or 0)
+    except ValueError:
+        raise ConfigError(f"RANK={env.get('RANK')!r} / WORLD_SIZE={env.get('WORLD_SIZE')!r} are not integers") from None
+    if world < 1 or not 0 <= rank < world:
+        raise ConfigError(f"RANK={rank} is not in [0, WORLD_SIZE={world})")
+    if world > 1:
+        if "RANK" not in env:
+            raise ConfigError(f"WORLD_SIZE={world} but RANK is not set")
+        missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if not env.get(v)]
+        if missing:
+            raise ConfigError(f"WORLD_SIZE={world} but {' and '.join(missing)} not set: start the ranks with "
+                              "torchrun (or set them)")
+    return rank, world
+
+
+def _start_group(rank: int, world: int, timeout_minutes: float) -> bool:
+    """Join (or reuse) a process group; True when this call started it."""
+    import torch.distributed as dist
+
+    if world == 1 or not dist.is_available():
+        return False
+    if dist.is_initialized():
+        return False
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(minutes=timeout_minutes))
+    return True
+
+
+def _current_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _collect(payload: dict, rank: int, world: int) -> tuple[list[dict] | None, list[dict]]:
+    """Every rank's payload on rank 0, and every rank's error on every rank.
+
+    Each rank makes exactly one ``gather_object`` and one ``broadcast_object_list``, whatever happened
+    to it before, so no rank is left waiting.
+    """
+    if world == 1:
+        return [payload], [payload["error"]] if payload["error"] else []
+    import torch.distributed as dist
+
+    gathered = [None] * world if rank == 0 else None
+    dist.gather_object(payload, gathered, dst=0)
+    box = [[p["error"] for p in gathered if p["error"]] if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return gathered, box[0]
+
+
+def _raise_errors(errors: list[dict], world: int) -> None:
+    """One exception for every rank's errors: ``ConfigError`` when all are configuration errors."""
+    by_message: dict[str, list[int]] = {}
+    for e in errors:
+        by_message.setdefault(e["message"], []).append(e["rank"])
+    if world == 1:
+        message = next(iter(by_message))
+    else:
+        message = "; ".join(f"rank{'s' if len(r) > 1 else ''} {', '.join(map(str, r))}: {m}"
+                            for m, r in by_message.items())
+    if all(e["config"] for e in errors):
+        raise ConfigError(message)
+    raise RuntimeError(f"evaluation failed: {message}")
+
+
+def run_eval(s: EvalSettings) -> dict | None:
+    """Evaluate; rank 0 writes the outputs and returns the summary (None on other ranks)."""
+    started = time.time()
+    check_settings(s)
+    rank, world = _launch_world()
+    examples = load_examples(s.task, s.data, s.limit)
+    from .export import load_adapter
+
+    _, adapter_meta = load_adapter(s.adapter)  # the files are checked before anything heavy starts
+    owns_group = _start_group(rank, world, s.dist_timeout_minutes)
+    rank, world = _current_world()
+    try:
+        return _evaluate(s, examples, adapter_meta, rank, world, started)
+    finally:
+        if owns_group:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _evaluate(s: EvalSettings, examples: list[Example], adapter_meta: dict, rank: int, world: int,
+              started: float) -> dict | None:
+    mine = examples[rank::world]
+    payload = {"rank": rank, "error": None, "rows": []}
+    device = pick_device(s)
+    dtype = pick_dtype(s, device)
+    gen_seconds = 0.0
+    try:
+        model, tokenizer = load_model_and_tokenizer(s, device, dtype)
+        trained_on, evaluated_on = adapter_meta.get("model"), s.model or "builtin:tiny-llama"
+        if rank == 0 and trained_on and trained_on != evaluated_on:
+            print(f"[lorasb] eval: note: the adapter was trained on {trained_on}, evaluated on {evaluated_on}",
+                  flush=True)
+        if rank == 0:
+            print(f"[lorasb] eval: {s.task}, {len(examples)} rows on {world} rank(s), batch {s.batch_size}, "
+                  f"max_new_tokens {s.max_new_tokens}, {device} {str(dtype).removeprefix('torch.')}", flush=True)
+
+        def progress(done: int, total: int) -> None:
+            if rank == 0 and (done == total or done % 10 == 0):
+                print(f"[lorasb] eval: rank 0 batch {done}/{total}", flush=True)
+
+        t0 = time.time()
+        texts = generate(model, tokenizer, [e.prompt for e in mine], s.max_new_tokens, s.batch_size, device,
+                         progress)
+        gen_seconds = time.time() - t0
+        for example, text in zip(mine, texts):
+            payload["rows"].append({"index": example.index, "prompt": example.prompt, "generation": text,
+                                    "gold": example.gold, **score(s.task, text, example)})
+    except ConfigError as e:
+        payload["error"] = {"rank": rank, "config": True, "message": str(e)}
+    except Exception as e:  # reported through the collectives, so no rank waits for a failed one
+        payload["error"] = {"rank": rank, "config": False, "message": f"{type(e).__name__}: {e}"}
+    gathered, errors = _collect(payload, rank, world)
+    if errors:
+        _raise_errors(errors, world)
+    if rank != 0:
+        return None
+    rows = sorted((row for p in gathered for row in p["rows"]), key=lambda row: row["index"])
+    summary = _summary(s, rows, adapter_meta, world, device, dtype, gen_seconds, time.time() - started)
+    _write_outputs(s.out, rows, summary)
+    print(f"[lorasb] eval: {s.task} strict accuracy {summary['accuracy_strict']:.4f} "
+          f"({summary['correct_strict']}/{summary['rows']}), flexible {summary['accuracy_flexible']:.4f}; "
+          f"written to {s.out}", flush=True)
+    return summary
+
+
+def _summary(s: EvalSettings, rows: list[dict], adapter_meta: dict, world: int, device: torch.device,
+             dtype: torch.dtype, gen_seconds: float, seconds: float) -> dict:
+    n = len(rows)
+    correct_strict = sum(r["correct_strict"] for r in rows)
+    correct_flexible = sum(r["correct_flexible"] for r in rows)
+    return {
+        "task": s.task,
+        "data": os.path.abspath(s.data),
+        "rows": n,
+        "correct_strict": correct_strict,
+        "correct_flexible": correct_flexible,
+        "no_prediction_strict": sum(r["prediction_strict"] is None for r in rows),
+        "accuracy_strict": correct_strict / n,
+        "accuracy_flexible": correct_flexible / n,
+        "model": s.model or "builtin:tiny-llama",
+        "adapter": os.path.abspath(s.adapter),
+        "adapter_model": adapter_meta.get("model"),
+        "adapter_init_id": adapter_meta.get("init_id"),
+        "r": adapter_meta.get("r"),
+        "max_new_tokens": s.max_new_tokens,
+        "batch_size": s.batch_size,
+        "limit": s.limit,
+        "decoding": "greedy",
+        "world_size": world,
+        "device": device.type,
+        "dtype": str(dtype).removeprefix("torch."),
+        "generation_seconds_rank0": round(gen_seconds, 3),
+        "seconds": round(seconds, 3),
+    }
+
+
+def _write_outputs(out: str, rows: list[dict], summary: dict) -> None:
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, GENERATIONS_FILE)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(path + ".tmp", path)
+    path = os.path.join(out, SUMMARY_FILE)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write(json.dumps(summary, indent=2) + "\n")
+    os.replace(path + ".tmp", path)

@@ -1,0 +1,385 @@
+"""Evaluation (evaluate.py): answer extraction and scoring by hand-checked cases, apply_adapter, and
+`lorasb eval` end to end on the built-in tiny model, in one process and sharded over two."""
+
+import json
+import os
+import sys
+from fractions import Fraction
+
+import pytest
+import torch
+
+from conftest import REPO, run_command
+from lorasb_ds import evaluate as ev
+from lorasb_ds.cli import EVAL_MAX_NEW_TOKENS, EVAL_TASKS
+from lorasb_ds.cli import main as cli_main
+from lorasb_ds.config import ConfigError
+from lorasb_ds.data import ALPACA_TEMPLATE, alpaca_prompt, format_prompt
+from lorasb_ds.export import apply_adapter
+from lorasb_ds.layer import LoRASBLinear
+from lorasb_ds.modeling import tiny_llama
+from test_export import write_adapter
+
+# --------------------------------------------------------------------------- numbers and GSM8K
+
+# (generation, gold, strict prediction, strict correct, flexible prediction, flexible correct)
+GSM8K_CASES = [
+    ("She has 5 + 3 = 8 apples.\nThe answer is: 8", "8", "8", True, "8", True),
+    ("The answer is: 1,234", "1234", "1234", True, "1234", True),
+    ("Total 1,000,000 cells. The answer is: 1,000,000.", "1000000", "1000000", True, "1000000", True),
+    ("It drops by 7.\nThe answer is: -7", "-7", "-7", True, "-7", True),
+    ("The answer is: 3.50", "3.5", "3.5", True, "3.5", True),
+    ("The answer is: 3/4", "0.75", "0.75", True, "0.75", True),
+    ("The answer is: 3/4.", "3/4", "0.75", True, "0.75", True),
+    ("She pays $18. The answer is: $18.", "18", "18", True, "18", True),
+    ("The answer is: 25%", "25", "25", True, "25", True),
+    ("The answer is: 12\nWait, 12 + 30 = 42.\nThe answer is: 42", "42", "42", True, "42", True),
+    ("The answer is: 42\nThe answer is: 12", "42", "12", False, "12", False),  # the last marker wins
+    ("3 + 4 = 7 so she has 7 left", "7", None, False, "7", True),  # no marker: strict has no prediction
+    ("He had 5 apples. The answer is: seventy-two", "72", None, False, "5", False),  # number words
+    ("The answer is: 72 dollars, or 7200 cents", "72", "72", True, "7200", False),  # first after marker
+    ("The answer is:72", "72", "72", True, "72", True),
+    ("The answer is :  72", "72", "72", True, "72", True),
+    ("the answer is: 72", "72", None, False, "72", True),  # the marker is case-sensitive
+    ("The answer is: 10.0", "10", "10", True, "10", True),
+    ("The answer is: 0.33", "1/3", "0.33", False, "0.33", False),  # exact: 0.33 != 1/3
+    ("It is 20 - 5 = 15.", "15", None, False, "15", True),
+    ("Difference 5-3, so x = -2", "-2", None, False, "-2", True),  # '5-3' is 5 and 3, '-2' is negative
+    ("The answer is: -$5", "-5", "-5", True, "-5", True),
+    ("The answer is: .5", "0.5", "0.5", True, "0.5", True),
+    ("", "3", None, False, None, False),
+]
+
+
+@pytest.mark.parametrize("generation,gold,strict,strict_ok,flexible,flexible_ok", GSM8K_CASES)
+def test_gsm8k_scoring(generation, gold, strict, strict_ok, flexible, flexible_ok):
+    value = ev.parse_number(gold)
+    example = ev.Example(0, "q", "p", ev.format_number(value), gold_value=value)
+    got = ev.score("gsm8k", generation, example)
+    assert got == {"prediction_strict": strict, "prediction_flexible": flexible,
+                   "correct_strict": strict_ok, "correct_flexible": flexible_ok}
+
+
+@pytest.mark.parametrize("text,numbers", [
+    ("1,234 and 12,34", [1234, 12, 34]),  # a thousands group has exactly three digits
+    ("3.50 3.5. 3/4 -7 +2 \u22124", [Fraction(7, 2), Fraction(7, 2), Fraction(3, 4), -7, 2, -4]),
+    ("x-3 (-3) a=-3", [3, -3, -3]),  # a sign glued to a word is a hyphen, not a minus
+    ("$18.00, 50%, 3/0", [18, 50, 3]),  # a zero denominator leaves the numerator
+    ("no digits at all", []),
+])
+def test_find_numbers(text, numbers):
+    assert ev.find_numbers(text) == [Fraction(n) for n in numbers]
+
+
+@pytest.mark.parametrize("answer,gold", [
+    ("Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n#### 72", "72"),
+    ("... so 1,200 + 34 = 1,234\n#### 1,234", "1234"),
+    ("#### -3", "-3"),
+    ("#### 2.50", "2.5"),
+    ("first #### 1 then #### 5", "5"),  # the last '####'
+    ("72", "72"),  # a bare gold string
+    (" $1,000. ", "1000"),
+    (18, "18"),  # a number column
+])
+def test_gsm8k_gold(answer, gold):
+    assert ev.format_number(ev.gsm8k_gold(answer)) == gold
+
+
+@pytest.mark.parametrize("answer", ["a solution without the marker", "#### none", "seventy-two"])
+def test_gsm8k_gold_missing(answer):
+    with pytest.raises(ValueError):
+        ev.gsm8k_gold(answer)
+
+
+def test_format_number():
+    cases = {Fraction(1234): "1234", Fraction(-7, 2): "-3.5", Fraction(1, 20): "0.05", Fraction(-1, 20): "-0.05",
+             Fraction(1, 3): "1/3", Fraction(0): "0"}
+    assert {v: ev.format_number(v) for v in cases} == cases
+    assert ev.format_number(None) is None
+
+
+# --------------------------------------------------------------------------- MATH
+
+
+@pytest.mark.parametrize("generation,gold,strict,strict_ok,flexible_ok", [
+    ("So the value is half.\nThe answer is: \\frac{1}{2}", "\\frac{1}{2}", "\\frac{1}{2}", True, False),
+    ("The answer is: $\\dfrac{1}{2}$.", "\\frac{1}{2}", "\\dfrac{1}{2}", True, False),
+    ("The answer is: 0.5", "\\frac{1}{2}", "0.5", True, True),  # numeric equality
+    ("The answer is: \\frac12", "\\frac{1}{2}", "\\frac12", True, False),
+    ("The answer is: x = 5\nmore text 7", "5", "x = 5", True, False),
+    ("The answer is: 90^\\circ", "90", "90^\\circ", True, True),
+    ("The answer is: 1,000", "1000", "1,000", True, True),
+    ("The answer is: \\sqrt{3}", "\\sqrt{2}", "\\sqrt{3}", False, False),
+    ("The answer is: (2, 3)", "(2,3)", "(2, 3)", True, False),  # a tuple has no value: flexible fails
+    ("The answer is: -\\frac{3}{4}", "-0.75", "-\\frac{3}{4}", True, False),
+    ("It is 12", "12", None, False, True),
+])
+def test_math_scoring(generation, gold, strict, strict_ok, flexible_ok):
+    example = ev.Example(0, "q", "p", gold, gold_value=ev.math_value(gold))
+    got = ev.score("math", generation, example)
+    assert (got["prediction_strict"], got["correct_strict"]) == (strict, strict_ok)
+    assert got["correct_flexible"] == flexible_ok
+
+
+def test_math_gold():
+    assert ev.math_gold({"problem": "p", "answer": " 7 "}) == "7"
+    solution = "First \\boxed{3}. Then $x = \\boxed{\\frac{a^{2}}{b}}$."
+    assert ev.math_gold({"problem": "p", "solution": solution}) == "\\frac{a^{2}}{b}"
+    assert ev.math_gold({"problem": "p", "solution": "so \\fbox{12}"}) == "12"
+    assert ev.math_gold({"problem": "p", "answer": "", "solution": "\\boxed 5$"}) == "5"
+    with pytest.raises(ValueError):
+        ev.math_gold({"problem": "p", "solution": "no box here"})
+    assert ev.math_value("\\frac{3}{4}") == Fraction(3, 4) and ev.math_value("\\sqrt{2}") is None
+
+
+# --------------------------------------------------------------------------- commonsense
+
+
+@pytest.mark.parametrize("generation,gold,strict,flexible", [
+    ("the correct answer is answer3", "answer3", "answer3", "answer3"),
+    ("answer2 looks wrong; answer5 is right", "answer5", "answer2", "answer5"),  # first found counts
+    ("the correct answer is answer12", "answer1", None, None),  # not a whole token
+    ("the correct answer is option1", "option1", "option1", "option1"),
+    ("option2.", "option1", "option2", "option2"),
+    ("the correct answer is solution2", "solution2", "solution2", "solution2"),
+    ("ending4, not ending1", "ending4", "ending4", "ending1"),
+    ("the correct answer is true", "true", "true", "true"),
+    ("the correct answer is false because it is untrue", "false", "false", "false"),
+    ("The answer is True", "true", None, None),  # case-sensitive, as the datasets write the tokens
+    ("answer1 option1", "option2", "option1", "option1"),  # only the gold's family is looked for
+    ("I do not know", "answer1", None, None),
+])
+def test_commonsense_scoring(generation, gold, strict, flexible):
+    example = ev.Example(0, "q", "p", gold, family=ev.commonsense_family(gold))
+    got = ev.score("commonsense", generation, example)
+    assert got == {"prediction_strict": strict, "prediction_flexible": flexible,
+                   "correct_strict": strict == gold, "correct_flexible": flexible == gold}
+
+
+def test_commonsense_families():
+    assert {g: ev.commonsense_family(g) for g in ("answer5", "option2", "solution1", "ending3", "false")} == {
+        "answer5": "answer", "option2": "option", "solution1": "solution", "ending3": "ending",
+        "false": "true/false"}
+    for bad in ("answer6", "ending0", "True", "B"):
+        with pytest.raises(ValueError):
+            ev.commonsense_family(bad)
+
+
+# --------------------------------------------------------------------------- prompts and data
+
+
+def test_prompts(tmp_path):
+    prompt = ev.math_prompt("What is 2 + 3?")
+    assert prompt == ALPACA_TEMPLATE.format(query="What is 2 + 3?").removesuffix("\n") + \
+        " Let's think step by step."
+    assert prompt.endswith("### Instruction:\nWhat is 2 + 3?\n\n### Response: Let's think step by step.")
+    path = tmp_path / "cs.jsonl"
+    rows = [{"instruction": "Pick one.", "input": "", "answer": "option1"},
+            {"instruction": "Pick one.", "input": "Context here.", "answer": "answer2"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    examples = ev.load_examples("commonsense", str(path))
+    assert examples[0].prompt == format_prompt("Pick one.", "alpaca")
+    assert examples[1].prompt == alpaca_prompt("Pick one.", "Context here.")  # the training prompt
+    assert "### Input:\nContext here." in examples[1].prompt
+    assert [(e.gold, e.family) for e in examples] == [("option1", "option"), ("answer2", "answer")]
+
+
+def test_cli_constants_match():
+    assert EVAL_TASKS == ev.TASKS and EVAL_MAX_NEW_TOKENS == ev.DEFAULT_MAX_NEW_TOKENS == 256
+
+
+# --------------------------------------------------------------------------- apply_adapter
+
+
+@torch.no_grad()
+def test_apply_adapter_matches_hand_wrapped(tmp_path):
+    ids = torch.randint(4, 100, (2, 11), generator=torch.Generator().manual_seed(0))
+    base_logits = tiny_llama().eval()(input_ids=ids).logits
+    by_hand = tiny_llama()
+    write_adapter(by_hand, tmp_path / "adapter")  # wraps by_hand and writes the files
+    applied = tiny_llama()
+    layers = apply_adapter(applied, str(tmp_path / "adapter"))
+    assert len(layers) == 28 and all(isinstance(m, LoRASBLinear) for m in layers.values())
+    assert all(applied.get_submodule(n) is m for n, m in layers.items())
+    expected = by_hand.eval()(input_ids=ids).logits
+    got = applied.eval()(input_ids=ids).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    assert float((got - base_logits).abs().max()) > 1e-2  # the adapter changes the model
+
+
+def test_apply_adapter_refuses_other_model(tmp_path):
+    write_adapter(tiny_llama(), tmp_path / "adapter")
+    from transformers import LlamaConfig, LlamaForCausalLM
+    other = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
+                                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2))
+    with pytest.raises(ConfigError, match="builtin:tiny-llama"):
+        apply_adapter(other, str(tmp_path / "adapter"))
+    assert not any(isinstance(m, LoRASBLinear) for m in other.modules())  # checked before touching it
+    with pytest.raises(ConfigError, match="no file"):
+        apply_adapter(tiny_llama(), str(tmp_path))
+
+
+# --------------------------------------------------------------------------- end to end
+
+GSM8K_ROWS = [
+    {"question": "Tom has 3 apples and buys 4 more. How many apples does he have?",
+     "answer": "He has 3 + 4 = <<3+4=7>>7 apples.\n#### 7"},
+    {"question": "What is 6 times 7?", "answer": "6 * 7 = 42\n#### 42"},
+    {"question": "A shop sold 1,200 pens on Monday and 34 on Tuesday. How many pens were sold in all?",
+     "answer": "1,200 + 34 = 1,234\n#### 1,234"},
+    {"question": "Half of 9?", "answer": "#### 4.5"},
+    {"question": "Ann had 10 dollars and spent 17. What is her balance?", "answer": "10 - 17 = -7\n#### -7"},
+    {"question": "Sum of 1 and 1?", "answer": "2"},
+]
+GOLDS = ["7", "42", "1234", "4.5", "-7", "2"]
+EVAL_ARGS = ["--task", "gsm8k", "--max_new_tokens", "8"]
+
+
+@pytest.fixture(scope="module")
+def e2e(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    write_adapter(tiny_llama(), root / "adapter")
+    data = root / "gsm8k.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in GSM8K_ROWS))
+    out = root / "single"
+    code = cli_main(["eval", *EVAL_ARGS, "--data", str(data), "--adapter", str(root / "adapter"),
+                     "--out", str(out), "--batch_size", "4"])
+    assert code == 0
+    return {"root": root, "data": str(data), "adapter": str(root / "adapter"), "out": out}
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_eval_outputs(e2e):
+    out = e2e["out"]
+    assert sorted(os.listdir(out)) == ["generations.jsonl", "summary.json"]
+    rows = read_jsonl(out / "generations.jsonl")
+    assert [r["index"] for r in rows] == list(range(6))
+    assert [r["gold"] for r in rows] == GOLDS
+    keys = {"index", "prompt", "generation", "gold", "prediction_strict", "prediction_flexible",
+            "correct_strict", "correct_flexible"}
+    for row, src in zip(rows, GSM8K_ROWS):
+        assert set(row) == keys
+        assert row["prompt"] == ev.math_prompt(src["question"])
+        assert isinstance(row["generation"], str)
+        example = ev.Example(row["index"], src["question"], row["prompt"], row["gold"],
+                             gold_value=ev.parse_number(row["gold"]))
+        scored = {k: row[k] for k in keys if k.startswith(("prediction", "correct"))}
+        assert ev.score("gsm8k", row["generation"], example) == scored
+    assert len({r["generation"] for r in rows}) > 1  # the model produced text, not all alike
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["task"] == "gsm8k" and summary["rows"] == 6
+    assert summary["correct_strict"] == sum(r["correct_strict"] for r in rows)
+    assert summary["correct_flexible"] == sum(r["correct_flexible"] for r in rows)
+    assert summary["no_prediction_strict"] == sum(r["prediction_strict"] is None for r in rows)
+    assert summary["accuracy_strict"] == summary["correct_strict"] / 6
+    assert summary["accuracy_flexible"] == summary["correct_flexible"] / 6
+    assert summary["model"] == "builtin:tiny-llama" and summary["adapter"] == os.path.abspath(e2e["adapter"])
+    assert summary["r"] == 4 and summary["adapter_init_id"]
+    assert summary["max_new_tokens"] == 8 and summary["batch_size"] == 4 and summary["world_size"] == 1
+    assert summary["device"] == "cpu" and summary["dtype"] == "float32" and summary["decoding"] == "greedy"
+    assert summary["seconds"] > 0
+
+
+def test_eval_batch_size_does_not_change_generations(e2e):
+    out = e2e["root"] / "batch1"
+    assert cli_main(["eval", *EVAL_ARGS, "--data", e2e["data"], "--adapter", e2e["adapter"], "--out", str(out),
+                     "--batch_size", "1", "--limit", "5"]) == 0
+    single = read_jsonl(e2e["out"] / "generations.jsonl")
+    assert read_jsonl(out / "generations.jsonl") == single[:5]
+    assert json.loads((out / "summary.json").read_text())["rows"] == 5
+
+
+def test_eval_sharded_matches_single_process(e2e):
+    out = e2e["root"] / "sharded"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(REPO, "launch", "evaluate.py"), *EVAL_ARGS, "--data", e2e["data"],
+           "--adapter", e2e["adapter"], "--out", str(out), "--batch_size", "2"]
+    run_command(cmd, timeout=300)
+    single = (e2e["out"] / "generations.jsonl").read_bytes()
+    assert (out / "generations.jsonl").read_bytes() == single
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["rows"] == 6
+    reference = json.loads((e2e["out"] / "summary.json").read_text())
+    for key in ("correct_strict", "correct_flexible", "accuracy_strict", "accuracy_flexible"):
+        assert summary[key] == reference[key]
+
+
+# --------------------------------------------------------------------------- errors (exit code 2)
+
+
+def run_cli_error(capsys, args):
+    code = cli_main(["eval", *args])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    return err
+
+
+def test_eval_errors(e2e, tmp_path, capsys):
+    base = ["--task", "gsm8k", "--adapter", e2e["adapter"], "--out", str(tmp_path / "o")]
+    err = run_cli_error(capsys, [*base, "--data", str(tmp_path / "missing.jsonl")])
+    assert "no such file" in err
+    wrong = tmp_path / "wrong.jsonl"
+    wrong.write_text(json.dumps({"query": "q", "response": "r"}) + "\n")
+    err = run_cli_error(capsys, [*base, "--data", str(wrong)])
+    assert "'question'" in err and "columns present: query, response" in err
+    bad_gold = tmp_path / "bad.jsonl"
+    bad_gold.write_text(json.dumps({"question": "q", "answer": "a"}) + "\n"
+                        + json.dumps({"question": "q", "answer": "no marker here"}) + "\n")
+    err = run_cli_error(capsys, [*base, "--data", str(bad_gold)])
+    assert "row 0" in err and "gold" in err
+    err = run_cli_error(capsys, ["--task", "commonsense", "--data", e2e["data"], "--adapter", e2e["adapter"],
+                                 "--out", str(tmp_path / "o")])
+    assert "'instruction'" in err
+    err = run_cli_error(capsys, [*base[:2], "--adapter", str(tmp_path / "nope"), "--out", str(tmp_path / "o"),
+                                 "--data", e2e["data"]])
+    assert "--adapter" in err and "no such directory" in err
+    err = run_cli_error(capsys, [*base[:2], "--adapter", str(tmp_path), "--out", str(tmp_path / "o"),
+                                 "--data", e2e["data"]])
+    assert "lorasb_adapter.safetensors" in err
+    err = run_cli_error(capsys, [*base, "--data", e2e["data"], "--batch_size", "0"])
+    assert "--batch_size" in err
+    assert not os.path.exists(tmp_path / "o")  # nothing was written
+
+
+def test_eval_model_directory_and_misfit(e2e, tmp_path, capsys):
+    """--model DIR loads through from_pretrained (same generations as the built-in model); an adapter that
+    does not fit the model fails inside the evaluation, through the gathering of errors, with exit 2."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from lorasb_ds.modeling import tiny_tokenizer
+
+    model_dir = tmp_path / "tiny"
+    tiny_llama().save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    out = tmp_path / "from_dir"
+    assert cli_main(["eval", *EVAL_ARGS, "--data", e2e["data"], "--adapter", e2e["adapter"], "--out", str(out),
+                     "--model", str(model_dir), "--batch_size", "4"]) == 0
+    assert read_jsonl(out / "generations.jsonl") == read_jsonl(e2e["out"] / "generations.jsonl")
+    assert json.loads((out / "summary.json").read_text())["model"] == str(model_dir)
+
+    small_dir = tmp_path / "small"
+    LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(small_dir)
+    tiny_tokenizer().save_pretrained(small_dir)
+    err = run_cli_error(capsys, [*EVAL_ARGS, "--data", e2e["data"], "--adapter", e2e["adapter"],
+                                 "--out", str(tmp_path / "o"), "--model", str(small_dir)])
+    assert "does not fit this model" in err and "builtin:tiny-llama" in err
+    assert not os.path.exists(tmp_path / "o")
+    err = run_cli_error(capsys, [*EVAL_ARGS, "--data", e2e["data"], "--adapter", e2e["adapter"],
+                                 "--out", str(tmp_path / "o"), "--model", str(tmp_path / "absent")])
+    assert "--model: no such directory" in err
+
+
+def test_errors_of_all_ranks_become_one_exception():
+    same = [{"rank": 0, "config": True, "message": "bad"}, {"rank": 1, "config": True, "message": "bad"}]
+    with pytest.raises(ConfigError, match=r"^ranks 0, 1: bad$"):
+        ev._raise_errors(same, 2)
+    with pytest.raises(ConfigError, match=r"^bad$"):
+        ev._raise_errors(same[:1], 1)
+    mixed = [same[0], {"rank": 1, "config": False, "message": "RuntimeError: out of memory"}]
+    with pytest.raises(RuntimeError, match="rank 0: bad; rank 1: RuntimeError: out of memory"):
+        ev._raise_errors(mixed, 2)
