@@ -25,7 +25,8 @@ from . import __version__, checkpoint
 from .checkpoint import Position
 from .config import (BatchLayout, ConfigError, RunConfig, check_precision, precision,
                      resolve_batch_layout)
-from .data import collate, estimation_indices, fingerprint, load_rows, tokenize_rows, train_batches
+from .data import (collate, describe_truncation, estimation_indices, fingerprint, load_rows, tokenize_rows,
+                   train_batches)
 from .estimate import (EstimationStats, assign_owners, check_finite, estimate_gradients,
                        weighted_estimation_batches)
 from .export import INIT_FILE_NAME, save_adapter
@@ -181,7 +182,10 @@ def prepare(cfg: RunConfig, ds_config: dict) -> Prepared:
     check_precision(ds_config, get_accelerator().device_name())
     check_targets_without_weights(cfg)
     tokenizer = load_tokenizer(cfg.model)
-    examples, truncated = tokenize_rows(load_rows(cfg.data, cfg.train.seed), tokenizer, cfg.data)
+    rows = load_rows(cfg.data, cfg.train.seed)
+    examples, truncated = tokenize_rows(rows, tokenizer, cfg.data)
+    if os.environ.get("RANK", "0") == "0":
+        print(f"[lorasb] data: {describe_truncation(truncated, cfg.data.max_length, len(rows), len(examples))}")
     plan = make_plan(cfg, len(examples), layout.micro_batch, layout.grad_accum, layout.world_size)
     data_fingerprint = None  # of the estimation data: needed to estimate, or to check a resume
     if not init_file or cfg.train.resume:
