@@ -28,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", metavar="auto|PATH",
                        help="continue from the newest complete checkpoint of output_dir, or from PATH")
     train.add_argument("--overwrite", action="store_true", help="start anew in an output_dir holding a run")
+    train.add_argument("--dry_run", action="store_true",
+                       help="check everything, print the layout and the memory plan, start nothing")
     train.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed runner
     train.add_argument("overrides", nargs="*", metavar="section.key=value",
                        help="override run-config settings, e.g. lorasb.r=32 train.lr=1e-3")
@@ -132,7 +134,7 @@ def train(args: argparse.Namespace) -> None:
     ds_config = load_ds_config(args.ds_config)
     from .train import run  # DeepSpeed is imported only for training
 
-    run(cfg, ds_config)
+    run(cfg, ds_config, dry=args.dry_run)
 
 
 def evaluate(args: argparse.Namespace) -> None:

@@ -60,15 +60,10 @@ def model_dtype(ds_config: dict) -> torch.dtype:
 
 def check_targets_without_weights(cfg: RunConfig) -> None:
     """Fail on bad targets or rank from the model's config alone, before any weight is loaded."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    if cfg.model.name_or_path:
-        model_config = AutoConfig.from_pretrained(cfg.model.name_or_path,
-                                                  trust_remote_code=cfg.model.trust_remote_code)
-    else:
-        model_config = tiny_llama_config()
     with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(model_config,
+        skeleton = AutoModelForCausalLM.from_config(model_config_of(cfg),
                                                     trust_remote_code=cfg.model.trust_remote_code)
     find_targets(skeleton, cfg.lorasb.target_modules, cfg.lorasb.r)
 
@@ -419,12 +414,48 @@ def run_identity(cfg: RunConfig) -> dict:
     return {"model": d["model"], "lorasb": d["lorasb"], "data": d["data"], "train": train}
 
 
-def run(cfg: RunConfig, ds_config: dict) -> dict:
-    """The whole run; returns its summary (also written to ``run_summary.json`` by rank 0)."""
+def dry_run(p: Prepared) -> dict:
+    """Print what a run would do (layout, steps, memory per rank) after every check; start nothing."""
+    from .plan import format_plan, plan_memory
+
+    cfg, layout = p.cfg, p.layout
+    zero = p.ds_config.get("zero_optimization", {})
+    buckets = {k: zero[k] for k in ("reduce_bucket_size", "prefetch_bucket_size") if k in zero}
+    if "stage3_prefetch_bucket_size" in zero:
+        buckets["prefetch_bucket_size"] = zero["stage3_prefetch_bucket_size"]
+    layer_plan = plan_memory(model_config_of(cfg), cfg.lorasb.r, cfg.lorasb.target_modules, layout.world_size,
+                             layout.micro_batch, cfg.data.max_length, precision(p.ds_config),
+                             bool(zero.get("offload_param")), cfg.model.gradient_checkpointing,
+                             cfg.lorasb.est_micro_batch, **buckets)
+    summary = {"dry_run": True, "world_size": layout.world_size, "micro_batch": layout.micro_batch,
+               "grad_accum": layout.grad_accum, "global_batch": layout.global_batch,
+               "samples": len(p.examples), "truncated": p.truncated, "steps": p.plan.total_steps,
+               "warmup_steps": p.plan.warmup_steps, "lr_eff": p.plan.lr_eff,
+               "init_file": cfg.train.init_file, "resume_from": p.resume_from}
+    print(json.dumps(summary, indent=2))
+    print(format_plan(layer_plan))
+    return summary
+
+
+def model_config_of(cfg: RunConfig):
+    """The model's configuration alone (no weights): the tiny default's or the checkpoint's."""
+    from transformers import AutoConfig
+
+    if not cfg.model.name_or_path:
+        return tiny_llama_config()
+    return AutoConfig.from_pretrained(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
+
+
+def run(cfg: RunConfig, ds_config: dict, dry: bool = False) -> dict:
+    """The whole run; returns its summary (also written to ``run_summary.json`` by rank 0).
+
+    ``dry``: stop after the checks and print the resolved layout and plan (``--dry_run``)."""
     from deepspeed.utils import safe_get_full_fp32_param
 
     out_dir = cfg.train.output_dir
     prepared = prepare(cfg, ds_config)
+    if dry:
+        return dry_run(prepared)
     resume_from = prepared.resume_from
     preemption = PreemptionFlag()
     s = build(prepared)

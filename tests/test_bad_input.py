@@ -162,3 +162,12 @@ def test_resume_path_that_is_not_a_checkpoint(tmp_path, capsys):
     half.mkdir(parents=True)
     err = fails(capsys, "--resume", str(half), out=tmp_path / "run")
     assert "not a complete checkpoint" in err
+
+
+def test_dry_run_checks_everything_prints_the_plan_and_starts_nothing(tmp_path, capsys):
+    assert main(["train", "--ds_config", ZERO3, "--dry_run", "--output_dir", str(tmp_path / "o"),
+                 "train.max_steps=7"]) == 0
+    out = capsys.readouterr().out
+    assert '"dry_run": true' in out and '"steps": 7' in out and "W0 shard" in out
+    assert not (tmp_path / "o" / "run_config.json").exists()
+    assert "lorasb.r = 100 exceeds" in fails(capsys, "--dry_run", "lorasb.r=100", out=tmp_path / "o2")
