@@ -137,8 +137,6 @@ class Session:
     device: torch.device
     owners: dict[str, int]
     data_fingerprint: str | None
-    resume_from: str | None
-    marker: dict | None
 
 
 @dataclass
@@ -252,8 +250,7 @@ def build(p: Prepared) -> Session:
               f"({p.truncated} truncated); {plan.total_steps} steps, warm-up {plan.warmup_steps}")
         print(f"[lorasb] {len(layers)} LoRA-SB layers, r={cfg.lorasb.r}: {counts.describe()}")
     return Session(cfg, engine, scheduler, layers, counts, p.tokenizer, examples, p.truncated, layout, plan,
-                   rank, world, device, assign_owners(shapes, world), p.data_fingerprint, p.resume_from,
-                   p.marker)
+                   rank, world, device, assign_owners(shapes, world), p.data_fingerprint)
 
 
 def estimate_and_init(s: Session) -> tuple[dict[str, LayerInit], dict, EstimationStats]:
@@ -342,12 +339,14 @@ def train_loop(s: Session, logger: Logger, position: Position | None = None,
             pos.micro_batch = i + 1
             bar.update(1)
             last = pos.step == s.plan.total_steps
+            norm = None  # ||R||, gathered at most once per step
             if pos.step % t.log_every == 0 or last:
+                norm = r_norm(r_params)
                 mean_loss = torch.stack(losses).mean().to(s.device)
                 dist.all_reduce(mean_loss)
                 record = {"step": pos.step, "loss": mean_loss.item() / s.world, "lr": lr,
                           "grad_norm": _to_float(engine.get_global_grad_norm()),
-                          "r_norm": r_norm(r_params)}
+                          "r_norm": norm}
                 bar.set_postfix(loss=f"{record['loss']:.4f}")
                 logger.log(record, tb={f"Train/{k}": v for k, v in record.items() if k != "step"})
             finite = bool(torch.isfinite(torch.stack(losses)).all())
@@ -355,7 +354,7 @@ def train_loop(s: Session, logger: Logger, position: Position | None = None,
             stop, diverged = any_rank([preemption is not None and preemption.requested, not finite], s.device)
             saving = save is not None and (stop or last or (t.save_every and pos.step % t.save_every == 0))
             if saving and not diverged:  # a checkpoint is written only with finite R (same on all ranks)
-                diverged = not math.isfinite(r_norm(r_params))
+                diverged = not math.isfinite(norm if norm is not None else r_norm(r_params))
             if diverged:
                 raise FloatingPointError(
                     f"the loss or R is NaN or inf at step {pos.step}; stopped without writing a checkpoint. "
