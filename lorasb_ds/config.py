@@ -39,8 +39,15 @@ class ModelConfig:
     trust_remote_code: bool = False
 
 
+METHODS = ("lorasb", "loraxs", "lora", "full")
+
+
 @dataclass
 class LoraSBConfig:
+    method: str = "lorasb"
+    """What is trained, all in the same pipeline: ``lorasb`` (R; B, A from the estimated update),
+    ``loraxs`` (R; B, A from the SVD of W0), ``lora`` (B and A, PEFT-style init and scaling
+    ``lora_alpha / r``) or ``full`` (every weight; no adapter layers)."""
     r: int = 16
     """Rank: B is out x r, A is r x in, the trained R is r x r."""
     target_modules: list[str] = field(default_factory=lambda: list(LLAMA_TARGETS))
@@ -63,6 +70,8 @@ class LoraSBConfig:
     """Extra columns of the randomized sketch beyond r."""
     svd_niter: int = 10
     """Power iterations of the randomized SVD."""
+    lora_alpha: float | None = None
+    """``method: lora`` only: the scaling is lora_alpha / r; empty: 2 r."""
 
 
 @dataclass
@@ -270,6 +279,10 @@ def load_run_config(path: str | None = None, overrides: list[str] = ()) -> RunCo
 def validate_run_config(cfg: RunConfig) -> None:
     s, t, d = cfg.lorasb, cfg.train, cfg.data
     checks = [
+        (s.method in METHODS, f"lorasb.method must be one of {', '.join(METHODS)}, got '{s.method}'"),
+        (s.lora_alpha is None or s.method == "lora",
+         f"lorasb.lora_alpha applies to lorasb.method=lora only; method {s.method} has no scaling: drop it"),
+        (s.lora_alpha is None or s.lora_alpha > 0, f"lorasb.lora_alpha must be positive, got {s.lora_alpha}"),
         (s.r > 0, f"lorasb.r must be a positive integer, got {s.r}"),
         (len(s.target_modules) > 0, "lorasb.target_modules is empty: name at least one module suffix"),
         (0.0 <= s.dropout < 1.0, f"lorasb.dropout must be in [0, 1), got {s.dropout}"),

@@ -627,7 +627,7 @@ def run_eval(s: EvalSettings) -> dict | None:
     examples = load_examples(s.task, s.data, s.limit)
     from .export import load_adapter
 
-    _, adapter_meta = load_adapter(s.adapter)  # the files are checked before anything heavy starts
+    _, _, adapter_meta = load_adapter(s.adapter)  # the files are checked before anything heavy starts
     owns_group = _start_group(rank, world, s.dist_timeout_minutes)
     rank, world = _current_world()
     try:

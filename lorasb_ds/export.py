@@ -49,72 +49,90 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_WEIGHTS_NAME = "model.safetensors"
 
 Adapter = dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
-"""{module name: (B (out x r), A (r x in), R (r x r))}, CPU fp32, R the trained one."""
+"""{module name: (B (out x r), A (r x in), R (r x r))}, CPU fp32, as trained (LoRA-SB: R trained)."""
+
+FACTORS = ("B", "A", "R")
 
 
 # --------------------------------------------------------------------------- writing and reading an adapter
 
 
-def save_adapter(adapter_dir: str, final_R: dict[str, torch.Tensor], init_path: str, init_meta: dict) -> None:
-    """``adapter/lorasb_adapter.safetensors`` (trained R) beside a copy of the init file (B, A, R0)."""
+def save_adapter(adapter_dir: str, trained: dict[str, torch.Tensor], init_path: str, init_meta: dict) -> None:
+    """``adapter/lorasb_adapter.safetensors`` beside a copy of the init file (B, A, R0). Rank 0 only.
+
+    ``trained``: every trained tensor by its parameter name in the wrapped model: ``<module>.lora_R``
+    for LoRA-SB and LoRA-XS, ``<module>.lora_A``/``.lora_B`` for LoRA, every weight for ``full``.
+    """
     os.makedirs(adapter_dir, exist_ok=True)
     init_copy = os.path.join(adapter_dir, INIT_FILE_NAME)
     if os.path.abspath(init_path) != os.path.abspath(init_copy):
         shutil.copyfile(init_path, init_copy + ".tmp")
         os.replace(init_copy + ".tmp", init_copy)
-    meta = {"format": ADAPTER_FORMAT, "init_file": INIT_FILE_NAME,
+    meta = {"format": ADAPTER_FORMAT, "init_file": INIT_FILE_NAME, "method": init_meta.get("method", "lorasb"),
             **{k: init_meta[k] for k in ("init_id", "model", "target_modules", "r")}}
     path = os.path.join(adapter_dir, ADAPTER_FILE_NAME)
-    save_file({f"{n}.lora_R": R.contiguous() for n, R in final_R.items()}, path + ".tmp",
+    save_file({n: t.contiguous() for n, t in trained.items()}, path + ".tmp",
               metadata={"lorasb": json.dumps(meta)})
     os.replace(path + ".tmp", path)
 
 
 
 
-def load_adapter(adapter_dir: str) -> tuple[Adapter, dict]:
-    """Read ``lorasb_adapter.safetensors`` (trained R) and its init file (B, A).
+def load_adapter(adapter_dir: str) -> tuple[Adapter, dict[str, torch.Tensor], dict]:
+    """Read ``lorasb_adapter.safetensors`` (the trained tensors) over its init file (the starting B, A, R).
 
-    Returns ``({name: (B, A, R)}, meta)``: B (out x r), A (r x in), R (r x r), all CPU fp32; ``meta`` is
-    the adapter's metadata (``init_id``, ``model``, ``target_modules``, ``r``, ...).
+    Returns ``(adapter, weights, meta)``: ``adapter`` is ``{module: (B, A, R)}`` (out x r, r x in,
+    r x r; CPU fp32) with the trained factors in place of their initial values; ``weights`` holds every
+    other trained tensor by parameter name (all weights for ``method: full``); ``meta`` is the adapter's
+    metadata (``method``, ``init_id``, ``model``, ``target_modules``, ``r``, ...).
     """
     adapter_path = os.path.join(adapter_dir, ADAPTER_FILE_NAME)
     meta = _read_lorasb_meta(adapter_path, ADAPTER_FORMAT, adapter_dir)
+    meta.setdefault("method", "lorasb")
     init_path = os.path.join(adapter_dir, meta.get("init_file") or INIT_FILE_NAME)
     init_meta = _read_lorasb_meta(init_path, INIT_FORMAT, adapter_dir)
     if init_meta.get("init_id") != meta.get("init_id"):
         raise ConfigError(
             f"--adapter {adapter_dir}: init_id {meta.get('init_id')!r} of {ADAPTER_FILE_NAME} differs from "
-            f"init_id {init_meta.get('init_id')!r} of {os.path.basename(init_path)}: R was trained on other "
+            f"init_id {init_meta.get('init_id')!r} of {os.path.basename(init_path)}: it was trained from other "
             "B, A; put the init file of the same run beside the adapter"
         )
-    trained_R = _read_tensors(adapter_path)
+    trained = _read_tensors(adapter_path)
     init = _read_tensors(init_path)
-    adapter = {name: (init[f"{name}.lora_B"], init[f"{name}.lora_A"], trained_R[f"{name}.lora_R"])
-               for name in _module_names(trained_R, init, adapter_dir)}
+    names = _module_names(init, adapter_dir)
+    factors = {f"{n}.lora_{m}" for n in names for m in FACTORS}
+    adapter = {n: tuple(trained.get(f"{n}.lora_{m}", init[f"{n}.lora_{m}"]) for m in FACTORS) for n in names}
+    weights = {key: t for key, t in trained.items() if key not in factors}
+    stray = [key for key in weights if ".lora_" in key]
+    if stray:
+        raise ConfigError(f"--adapter {adapter_dir}: trained tensors {stray[:3]} belong to no module of the "
+                          "init file; use the init file of the same run")
     _check_shapes(adapter, int(meta["r"]), adapter_dir)
-    return adapter, meta
+    return adapter, weights, meta
 
 
 def apply_adapter(model: torch.nn.Module, adapter_dir: str) -> dict:
-    """Wrap the adapter's targets of a plain (unpartitioned) model and load ``B``, ``A``, trained ``R``.
+    """Wrap the adapter's targets of a plain (unpartitioned) model and load its tensors.
 
     Every module named in the adapter becomes a ``LoRASBLinear`` (``surgery.wrap_targets`` with the
-    adapter's targets and r; the whole model is frozen) holding the adapter's tensors in the dtype and
-    on the device of its base weight, so the model computes ``W0 x + b + B R A x`` at each target.
+    adapter's targets and r; the whole model is frozen) holding the adapter's B, A, R in the dtype and
+    on the device of its base weight, so the model computes ``W0 x + b + B R A x`` at each target;
+    other trained tensors (all weights for ``method: full``) are copied into the model's parameters.
     Everything is checked before the model is touched: the adapter's modules must be exactly the
     model's targets, with the same (out, in) shapes. Returns ``{module name: LoRASBLinear}``.
     """
     from .layer import shape_of
     from .surgery import find_targets, wrap_targets
 
-    adapter, meta = load_adapter(adapter_dir)
+    adapter, weights, meta = load_adapter(adapter_dir)
     targets, r = list(meta["target_modules"]), int(meta["r"])
     hint = f"pass the model the adapter was trained on ({meta.get('model')})"
-    try:
-        found = dict(find_targets(model, targets, r))
-    except ConfigError as e:
-        raise ConfigError(f"--adapter {adapter_dir} does not fit this model: {e}; {hint}") from None
+    found = {}
+    if adapter:
+        try:
+            found = dict(find_targets(model, targets, r))
+        except ConfigError as e:
+            raise ConfigError(f"--adapter {adapter_dir} does not fit this model: {e}; {hint}") from None
     missing, extra = sorted(set(adapter) - set(found)), sorted(set(found) - set(adapter))
     if missing or extra:
         raise ConfigError(f"--adapter {adapter_dir} does not fit this model: adapter modules not in the model "
@@ -124,14 +142,21 @@ def apply_adapter(model: torch.nn.Module, adapter_dir: str) -> dict:
         if shape_of(linear) != (B.shape[0], A.shape[1]):
             raise ConfigError(f"--adapter {adapter_dir} does not fit this model: '{name}' is {shape_of(linear)} "
                               f"in the model, {(B.shape[0], A.shape[1])} in the adapter; {hint}")
-    layers = wrap_targets(model, targets, r)
+    params = dict(model.named_parameters())
+    for key, t in weights.items():
+        if key not in params or params[key].shape != t.shape:
+            shape = tuple(params[key].shape) if key in params else None
+            raise ConfigError(f"--adapter {adapter_dir} does not fit this model: its tensor '{key}' "
+                              f"{tuple(t.shape)} is {shape} in the model; {hint}")
+    layers = wrap_targets(model, targets, r) if adapter else {}
     with torch.no_grad():
+        for key, t in weights.items():
+            params[key].copy_(t)
         for name, layer in layers.items():
-            B, A, R = adapter[name]
             layer.to(layer.base.weight.device)
-            layer.lora_B.copy_(B)
-            layer.lora_A.copy_(A)
-            layer.lora_R.copy_(R)
+            for part, value in zip(FACTORS, adapter[name]):
+                getattr(layer, f"lora_{part}").copy_(value)
+    model.requires_grad_(False)
     return layers
 
 
@@ -159,15 +184,15 @@ def _read_tensors(path: str) -> dict[str, torch.Tensor]:
         return {key: f.get_tensor(key).float().contiguous() for key in f.keys()}
 
 
-def _module_names(trained_R: dict, init: dict, adapter_dir: str) -> list[str]:
-    """Module names of the adapter, sorted; both files must cover the same modules."""
-    names = [key.removesuffix(".lora_R") for key in trained_R]
-    wanted = {f"{n}.lora_{m}" for n in names for m in "BAR"}
+def _module_names(init: dict, adapter_dir: str) -> list[str]:
+    """Module names of the init file, sorted; each must have its B, A and R."""
+    names = sorted({key.rsplit(".lora_", 1)[0] for key in init})
+    wanted = {f"{n}.lora_{m}" for n in names for m in FACTORS}
     if set(init) != wanted:
-        missing, extra = sorted(wanted - set(init))[:3], sorted(set(init) - wanted)[:3]
-        raise ConfigError(f"--adapter {adapter_dir}: the init file does not cover the adapter's modules "
-                          f"(missing {missing}, unexpected {extra}); use the init file of the same run")
-    return sorted(names)
+        missing = sorted(wanted - set(init))[:3]
+        raise ConfigError(f"--adapter {adapter_dir}: the init file lacks {missing}; it is damaged, use the "
+                          "init file of the same run")
+    return names
 
 
 def _check_shapes(adapter: Adapter, r: int, adapter_dir: str) -> None:
@@ -187,7 +212,10 @@ def export_peft(adapter_dir: str, out_dir: str, base_model: str | None = None) -
     ``base_model`` is recorded as ``base_model_name_or_path`` (default: the model the adapter was
     trained on). Each file is written atomically. Returns out_dir.
     """
-    adapter, meta = load_adapter(adapter_dir)
+    adapter, weights, meta = load_adapter(adapter_dir)
+    if meta["method"] == "full":
+        raise ConfigError(f"--adapter {adapter_dir}: method 'full' trained every weight and has no LoRA form; "
+                          "write the fine-tuned model with `lorasb merge` instead")
     os.makedirs(out_dir, exist_ok=True)
     _atomic_save_file(peft_state_dict(adapter), os.path.join(out_dir, PEFT_WEIGHTS_NAME), {"format": "pt"})
     config = peft_config(meta, base_model or meta.get("model"))
@@ -234,15 +262,17 @@ def merge_checkpoint(base_model_dir: str, adapter_dir: str, out_dir: str) -> str
     out_dir at the end, so a failed merge leaves no half-written out_dir. Returns out_dir.
     """
     _check_out_dir(base_model_dir, out_dir)
-    adapter, _ = load_adapter(adapter_dir)
+    adapter, weights, _ = load_adapter(adapter_dir)
     shards = list_shards(base_model_dir)
-    plan = locate_targets(base_model_dir, shards, adapter)
+    plan = locate_targets(base_model_dir, shards, adapter, weights)
     tmp_dir = f"{os.path.abspath(out_dir).rstrip(os.sep)}.tmp{os.getpid()}"
     os.makedirs(tmp_dir)
     try:
         for shard in shards:
-            updates = {name: adapter[name] for name in plan.get(shard, [])}
-            merge_shard(os.path.join(base_model_dir, shard), os.path.join(tmp_dir, shard), updates)
+            keys = plan.get(shard, [])
+            merge_shard(os.path.join(base_model_dir, shard), os.path.join(tmp_dir, shard),
+                        {name: adapter[name] for name in keys if name in adapter},
+                        {key: weights[key] for key in keys if key in weights})
         _copy_other_files(base_model_dir, tmp_dir, skip=set(shards))
         os.replace(tmp_dir, out_dir)  # out_dir is absent or empty: an atomic rename
     except BaseException:
@@ -279,38 +309,42 @@ def list_shards(base_model_dir: str) -> list[str]:
                       "re-save the model with save_pretrained (safetensors) first")
 
 
-def locate_targets(base_model_dir: str, shards: list[str], adapter: Adapter) -> dict[str, list[str]]:
-    """{shard: [module names whose ``.weight`` it holds]}, from the shard headers alone (no weights read).
+def locate_targets(base_model_dir: str, shards: list[str], adapter: Adapter,
+                   weights: dict[str, torch.Tensor]) -> dict[str, list[str]]:
+    """{shard: [adapter modules whose ``.weight`` it holds, and trained tensor names it holds]}, from the
+    shard headers alone (no weights read).
 
-    Raises when a target weight is in no shard or its (out x in) shape differs from B A's.
+    Raises when a target weight or a trained tensor is in no shard, or its shape differs.
     """
+    wanted = {f"{name}.weight": (name, (B.shape[0], A.shape[1])) for name, (B, A, _) in adapter.items()}
+    wanted.update({key: (key, tuple(t.shape)) for key, t in weights.items()})
     plan: dict[str, list[str]] = {}
     found = set()
     for shard in shards:
         with safe_open(os.path.join(base_model_dir, shard), framework="pt") as f:
-            keys = set(f.keys())
-            for name, (B, A, _) in adapter.items():
-                if f"{name}.weight" not in keys:
+            for key in f.keys():
+                if key not in wanted:
                     continue
-                shape = tuple(f.get_slice(f"{name}.weight").get_shape())
-                if shape != (B.shape[0], A.shape[1]):
-                    raise ConfigError(f"--base_model {base_model_dir}: '{name}.weight' is {shape}, the adapter "
-                                      f"expects {(B.shape[0], A.shape[1])}; pass the model the adapter was "
-                                      "trained on")
+                name, expected = wanted[key]
+                shape = tuple(f.get_slice(key).get_shape())
+                if shape != expected:
+                    raise ConfigError(f"--base_model {base_model_dir}: '{key}' is {shape}, the adapter "
+                                      f"expects {expected}; pass the model the adapter was trained on")
                 plan.setdefault(shard, []).append(name)
-                found.add(name)
-    missing = sorted(set(adapter) - found)
+                found.add(key)
+    missing = sorted(set(wanted) - found)
     if missing:
-        raise ConfigError(f"--base_model {base_model_dir}: no shard holds {[m + '.weight' for m in missing[:3]]}"
+        raise ConfigError(f"--base_model {base_model_dir}: no shard holds {missing[:3]}"
                           f"{' and more' if len(missing) > 3 else ''}; pass the model the adapter was trained on")
     return plan
 
 
-def merge_shard(src: str, dst: str, updates: Adapter) -> None:
-    """Copy the shard ``src`` to ``dst`` with ``{name}.weight <- W0 + B R A`` for each of ``updates``.
+def merge_shard(src: str, dst: str, updates: Adapter, replacements: dict[str, torch.Tensor] | None = None) -> None:
+    """Copy the shard ``src`` to ``dst`` with ``{name}.weight <- W0 + B R A`` for each of ``updates`` and
+    each tensor of ``replacements`` (trained outside any adapter layer) written in place of its original.
 
     The source is memory mapped: untouched tensors go from the mapping straight to the writer, and only
-    the updated weights are materialized. Shard metadata is kept.
+    the updated weights are materialized. Shard metadata and dtypes are kept.
     """
     with safe_open(src, framework="pt") as f:
         metadata = f.metadata()
@@ -318,6 +352,8 @@ def merge_shard(src: str, dst: str, updates: Adapter) -> None:
         for name, (B, A, R) in updates.items():
             key = f"{name}.weight"
             tensors[key] = merged_weight(tensors[key], B, A, R)
+        for key, t in (replacements or {}).items():
+            tensors[key] = t.to(tensors[key].dtype)
         save_file(tensors, dst, metadata=metadata)
         del tensors
 

@@ -1,4 +1,5 @@
-"""From the estimated gradient to B, A, R: update approximation, truncated SVD, broadcast, init file.
+"""Initial B, A, R of every adapter layer: from the estimated gradient (LoRA-SB), from the weights
+(LoRA-XS) or PEFT-style (LoRA); broadcast, applied, and kept in an init file.
 
 Per module, on its owner rank only:
 
@@ -10,6 +11,11 @@ Per module, on its owner rank only:
 so ``B R A`` is the best rank-r approximation of dW (exactly so with ``svd = "exact"``). W0 is left
 as it is. The captured energy ``sum(S_r^2) / ||dW||_F^2`` is kept as a diagnostic.
 
+The two baselines trained by the same pipeline (``lorasb.method``):
+
+    loraxs:  W0 ~= U_r S_r V_r^T,  B = U_r,  A = S_r V_r^T,  R ~ N(0, 1e-5^2)       (R trained)
+    lora:    B = 0,  A ~ U(-1/sqrt(in), 1/sqrt(in)),  R = (alpha / r) I          (B, A trained)
+
 Then every owner broadcasts its modules in one fixed order, so all ranks hold bitwise-identical
 B, A, R. The init file (safetensors, written once by rank 0) stores them with the run's metadata;
 B and A come from data and cannot be regenerated from a seed, so a run that is given an init file
@@ -19,6 +25,7 @@ never repeats the estimation.
 from __future__ import annotations
 
 import json
+import math
 import os
 import uuid
 from dataclasses import dataclass
@@ -69,6 +76,26 @@ def init_from_gradient(G: torch.Tensor, cfg: LoraSBConfig, lr_eff: float, seed: 
     return LayerInit(B=U.contiguous(), A=V.T.contiguous(), R=torch.diag(S), energy=energy)
 
 
+@torch.no_grad()
+def init_from_weight(W0: torch.Tensor, cfg: LoraSBConfig, seed: int) -> LayerInit:
+    """LoRA-XS (Balazy et al., arXiv 2405.17604): B, A from the top-r SVD of W0 itself, R near 0."""
+    W0 = W0.float()
+    U, S, V = truncated_svd(W0, cfg.r, cfg.svd, cfg.svd_oversample, cfg.svd_niter, seed)
+    generator = torch.Generator().manual_seed(seed)
+    R = 1e-5 * torch.randn(cfg.r, cfg.r, generator=generator)
+    energy = float(S.square().sum()) / max(float(W0.square().sum()), 1e-30)
+    return LayerInit(B=U.contiguous().cpu(), A=(S[:, None] * V.T).contiguous().cpu(), R=R, energy=energy)
+
+
+def lora_init(out_features: int, in_features: int, cfg: LoraSBConfig, seed: int) -> LayerInit:
+    """PEFT's LoRA init: B = 0, A Kaiming-uniform (bound 1/sqrt(in)); the scaling sits in R."""
+    generator = torch.Generator().manual_seed(seed)
+    bound = 1.0 / math.sqrt(in_features)
+    A = (torch.rand(cfg.r, in_features, generator=generator) * 2 - 1) * bound
+    alpha = cfg.lora_alpha if cfg.lora_alpha is not None else 2 * cfg.r
+    return LayerInit(B=torch.zeros(out_features, cfg.r), A=A, R=(alpha / cfg.r) * torch.eye(cfg.r), energy=0.0)
+
+
 def broadcast_inits(layers: dict[str, LoRASBLinear], local: dict[str, LayerInit], owners: dict[str, int],
                     device: torch.device) -> dict[str, LayerInit]:
     """Every rank ends with every module's init (CPU fp32), sent by its owner. Collective.
@@ -95,24 +122,30 @@ def broadcast_inits(layers: dict[str, LoRASBLinear], local: dict[str, LayerInit]
 
 @torch.no_grad()
 def apply_inits(layers: dict[str, LoRASBLinear], inits: dict[str, LayerInit]) -> None:
-    """Write B, A (buffers) and R (the trained parameter, fp32 master included) on every rank.
+    """Write B, A, R into every layer on every rank. Collective under ZeRO-3.
 
-    Collective under ZeRO-3: R may be partitioned, so it is gathered, set from rank 0 (all ranks hold
-    the same value) and re-partitioned; the optimizer's fp32 copy is set with
-    ``safe_set_full_fp32_param``, or training would start from the old value.
+    Buffers are copied directly. Parameters may be partitioned: each layer's are gathered, set from
+    rank 0 (all ranks hold the same values) and re-partitioned, and a trained one also gets its
+    optimizer fp32 copy set with ``safe_set_full_fp32_param``, or training would start from the old
+    value.
     """
     import deepspeed
     from deepspeed.utils import safe_set_full_fp32_param
 
     for name, layer in layers.items():
-        layer.lora_B.copy_(inits[name].B.to(layer.lora_B))
-        layer.lora_A.copy_(inits[name].A.to(layer.lora_A))
-    params = [layer.lora_R for layer in layers.values()]
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
-        for name, layer in layers.items():
-            layer.lora_R.copy_(inits[name].R.to(layer.lora_R))
-    for name, layer in layers.items():
-        safe_set_full_fp32_param(layer.lora_R, inits[name].R.to(layer.lora_R.device))
+        values = {"B": inits[name].B, "A": inits[name].A, "R": inits[name].R}
+        tensors = {part: getattr(layer, f"lora_{part}") for part in values}
+        params = [t for t in tensors.values() if isinstance(t, torch.nn.Parameter)]
+        for part, t in tensors.items():
+            if not isinstance(t, torch.nn.Parameter):
+                t.copy_(values[part].to(t))
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+            for part, t in tensors.items():
+                if isinstance(t, torch.nn.Parameter):
+                    t.copy_(values[part].to(t))
+        for part, t in tensors.items():
+            if isinstance(t, torch.nn.Parameter) and t.requires_grad:
+                safe_set_full_fp32_param(t, values[part].to(t.device))
 
 
 # --------------------------------------------------------------------------- init file

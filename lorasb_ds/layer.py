@@ -35,15 +35,21 @@ class LoRASBLinear(nn.Module):
     path is skipped and ``probe(y, x, self)`` may attach a gradient tap to the base output.
     """
 
-    def __init__(self, base: nn.Linear, r: int, dropout: float = 0.0):
+    def __init__(self, base: nn.Linear, r: int, dropout: float = 0.0, trainable: tuple[str, ...] = ("R",)):
+        """``trainable``: which of ``"B"``, ``"A"``, ``"R"`` are parameters (trained); the others are
+        non-persistent buffers. LoRA-SB and LoRA-XS train ``R``; plain LoRA trains ``B`` and ``A``
+        with ``R`` fixed to ``(alpha / r) I`` (see ``init.py``)."""
         super().__init__()
         out_features, in_features = shape_of(base)
         self.base = base
         self.r = r
         dtype = base.weight.dtype
-        self.register_buffer("lora_B", torch.zeros(out_features, r, dtype=dtype), persistent=False)
-        self.register_buffer("lora_A", torch.zeros(r, in_features, dtype=dtype), persistent=False)
-        self.lora_R = nn.Parameter(torch.zeros(r, r, dtype=dtype))
+        for part, shape in (("B", (out_features, r)), ("A", (r, in_features)), ("R", (r, r))):
+            value = torch.zeros(shape, dtype=dtype)
+            if part in trainable:
+                setattr(self, f"lora_{part}", nn.Parameter(value))
+            else:
+                self.register_buffer(f"lora_{part}", value, persistent=False)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.probe = None
 

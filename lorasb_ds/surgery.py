@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 import torch.nn as nn
 
 from .config import ConfigError
@@ -49,16 +50,25 @@ def find_targets(model: nn.Module, target_modules: list[str], r: int) -> list[tu
     return found
 
 
-def wrap_targets(model: nn.Module, target_modules: list[str], r: int,
-                 dropout: float = 0.0) -> dict[str, LoRASBLinear]:
-    """Freeze the whole model, replace every target by a ``LoRASBLinear``; returns {name: layer}."""
+TRAINED_FACTORS = {"lorasb": ("R",), "loraxs": ("R",), "lora": ("B", "A")}
+"""Per ``lorasb.method``, which of B, A, R its adapter layers train (``full`` has no adapter layers)."""
+
+
+def wrap_targets(model: nn.Module, target_modules: list[str], r: int, dropout: float = 0.0,
+                 method: str = "lorasb") -> dict[str, LoRASBLinear]:
+    """Freeze the whole model, replace every target by a ``LoRASBLinear``; returns {name: layer}.
+
+    ``method: full`` wraps nothing and leaves every weight trainable (returns {})."""
+    if method == "full":
+        model.requires_grad_(True)
+        return {}
     targets = find_targets(model, target_modules, r)
     model.requires_grad_(False)
     layers: dict[str, LoRASBLinear] = {}
     for name, linear in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        layer = LoRASBLinear(linear, r, dropout)
+        layer = LoRASBLinear(linear, r, dropout, trainable=TRAINED_FACTORS[method])
         setattr(parent, child, layer)
         layers[name] = layer
     return layers
@@ -67,22 +77,27 @@ def wrap_targets(model: nn.Module, target_modules: list[str], r: int,
 @dataclass(frozen=True)
 class ParameterCounts:
     trainable: int
-    """Sum of r^2 over the wrapped layers: the only trained numbers."""
+    """Every trained number (LoRA-SB: the sum of r^2 over the wrapped layers)."""
     adapter_frozen: int
-    """B and A: sum of (out + in) * r."""
+    """Frozen adapter tensors (LoRA-SB: B and A, sum of (out + in) * r)."""
     base: int
-    """Every parameter of the original model (frozen)."""
+    """Every parameter of the original model (frozen unless ``method: full``)."""
+    total: int
+    """Every number the model computes with: base plus all adapter tensors."""
 
     def describe(self) -> str:
-        total = self.trainable + self.adapter_frozen + self.base
-        return (f"trainable {self.trainable:,} ({100 * self.trainable / total:.4f}% of all) | "
-                f"frozen adapter (B, A) {self.adapter_frozen:,} | frozen base {self.base:,}")
+        return (f"trainable {self.trainable:,} ({100 * self.trainable / self.total:.4f}% of all) | "
+                f"frozen adapter {self.adapter_frozen:,} | base {self.base:,}")
 
 
 def count_parameters(model: nn.Module, layers: dict[str, LoRASBLinear]) -> ParameterCounts:
     """Counts from full shapes, so they are right when ZeRO-3 holds only a shard on this rank."""
-    ours = {id(layer.lora_R) for layer in layers.values()}
-    base = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if id(p) not in ours)
-    trainable = sum(layer.r * layer.r for layer in layers.values())
-    adapter = sum((layer.in_features + layer.out_features) * layer.r for layer in layers.values())
-    return ParameterCounts(trainable=trainable, adapter_frozen=adapter, base=base)
+    def size(t: torch.Tensor) -> int:
+        return getattr(t, "ds_numel", t.numel())
+
+    adapter = [t for layer in layers.values() for t in (layer.lora_B, layer.lora_A, layer.lora_R)]
+    ours = {id(t) for t in adapter}
+    base = sum(size(p) for p in model.parameters() if id(p) not in ours)
+    return ParameterCounts(trainable=sum(size(p) for p in model.parameters() if p.requires_grad),
+                           adapter_frozen=sum(size(t) for t in adapter if not t.requires_grad),
+                           base=base, total=base + sum(size(t) for t in adapter))

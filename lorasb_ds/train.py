@@ -5,6 +5,9 @@
       -> for batch: loss = engine(**batch).loss; engine.backward(loss); engine.step()
       -> save the adapter (R per module + the init file)
 
+The baselines ``lorasb.method: loraxs | lora | full`` run through the same steps: only the adapter's
+initialization (``init_adapters``) and which tensors are trained differ.
+
 Every rank runs this whole function; rank 0 alone writes files and logs.
 """
 
@@ -31,7 +34,8 @@ from .estimate import (EstimationStats, assign_owners, check_finite, estimate_gr
                        weighted_estimation_batches)
 from .export import INIT_FILE_NAME, save_adapter
 from .init import (LayerInit, apply_inits, broadcast_inits, check_init_metadata, init_from_gradient,
-                   load_init_file, new_init_id, read_init_metadata, save_init_file)
+                   init_from_weight, load_init_file, lora_init, new_init_id, read_init_metadata,
+                   save_init_file)
 from .layer import LoRASBLinear
 from .modeling import check_model_source, load_model, load_tokenizer, tiny_llama_config
 from .surgery import ParameterCounts, count_parameters, find_targets, wrap_targets
@@ -61,6 +65,9 @@ def model_dtype(ds_config: dict) -> torch.dtype:
 def check_targets_without_weights(cfg: RunConfig) -> None:
     """Fail on bad targets or rank from the model's config alone, before any weight is loaded."""
     from transformers import AutoModelForCausalLM
+
+    if cfg.lorasb.method == "full":
+        return
 
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(model_config_of(cfg),
@@ -92,7 +99,7 @@ def make_plan(cfg: RunConfig, num_examples: int, micro_batch: int, grad_accum: i
 
 def init_metadata(cfg: RunConfig) -> dict:
     """What an init file must agree on with the run that reuses it."""
-    return {"model": cfg.model.name_or_path or "builtin:tiny-llama",
+    return {"model": cfg.model.name_or_path or "builtin:tiny-llama", "method": cfg.lorasb.method,
             "target_modules": list(cfg.lorasb.target_modules), "r": cfg.lorasb.r}
 
 
@@ -126,6 +133,8 @@ class Session:
     engine: object
     scheduler: object
     layers: dict[str, LoRASBLinear]
+    trained: dict[str, torch.nn.Parameter]
+    """Every parameter the optimizer holds, by its name in the model (LoRA-SB: ``<module>.lora_R``)."""
     counts: ParameterCounts
     tokenizer: object
     examples: list[dict]
@@ -181,7 +190,7 @@ def prepare(cfg: RunConfig, ds_config: dict) -> Prepared:
         print(f"[lorasb] data: {describe_truncation(truncated, cfg.data.max_length, len(rows), len(examples))}")
     plan = make_plan(cfg, len(examples), layout.micro_batch, layout.grad_accum, layout.world_size)
     data_fingerprint = None  # of the estimation data: needed to estimate, or to check a resume
-    if not init_file or cfg.train.resume:
+    if cfg.lorasb.method == "lorasb" and (not init_file or cfg.train.resume):
         data_fingerprint = fingerprint(
             examples, estimation_indices(cfg.lorasb.est_samples, len(examples), cfg.train.seed))
     if init_file:
@@ -226,17 +235,17 @@ def build(p: Prepared) -> Session:
             json.dump({"run": cfg.to_dict(), "deepspeed": ds_config}, f, indent=2)
     deepspeed.runtime.utils.set_random_seed(cfg.train.seed)
 
-    # ---- model, surgery, engine (the optimizer sees the R matrices only)
+    # ---- model, surgery, engine (the optimizer sees the trained tensors only: LoRA-SB's R matrices)
     model = load_model(cfg.model, ds_config, model_dtype(ds_config))
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    layers = wrap_targets(model, cfg.lorasb.target_modules, cfg.lorasb.r, cfg.lorasb.dropout)
+    layers = wrap_targets(model, cfg.lorasb.target_modules, cfg.lorasb.r, cfg.lorasb.dropout, cfg.lorasb.method)
     counts = count_parameters(model, layers)
-    r_params = [layer.lora_R for layer in layers.values()]
+    trained = {name: p for name, p in model.named_parameters() if p.requires_grad}
     t = cfg.train
     engine, _, _, scheduler = deepspeed.initialize(
         model=model,
-        model_parameters=r_params,
+        model_parameters=list(trained.values()),
         optimizer=lambda params: torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), eps=t.eps,
                                                    weight_decay=t.weight_decay),
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
@@ -248,36 +257,60 @@ def build(p: Prepared) -> Session:
         print(f"[lorasb] world {world}, micro-batch {layout.micro_batch} x accumulation "
               f"{layout.grad_accum} -> global batch {layout.global_batch}; {len(examples)} samples "
               f"({p.truncated} truncated); {plan.total_steps} steps, warm-up {plan.warmup_steps}")
-        print(f"[lorasb] {len(layers)} LoRA-SB layers, r={cfg.lorasb.r}: {counts.describe()}")
-    return Session(cfg, engine, scheduler, layers, counts, p.tokenizer, examples, p.truncated, layout, plan,
+        print(f"[lorasb] method {cfg.lorasb.method}, {len(layers)} adapter layers, r={cfg.lorasb.r}: "
+              f"{counts.describe()}")
+    return Session(cfg, engine, scheduler, layers, trained, counts, p.tokenizer, examples, p.truncated, layout, plan,
                    rank, world, device, assign_owners(shapes, world), p.data_fingerprint)
 
 
-def estimate_and_init(s: Session) -> tuple[dict[str, LayerInit], dict, EstimationStats]:
-    """The estimation pass, the owners' SVDs and the broadcast; rank 0 writes the init file."""
-    cfg = s.cfg
-    batches = weighted_estimation_batches(s.examples, cfg.lorasb.est_samples, cfg.lorasb.est_micro_batch,
-                                          s.rank, s.world, cfg.train.seed, s.tokenizer.pad_token_id)
-    grads, stats = estimate_gradients(s.engine.module, s.layers, batches, s.owners, s.device)
-    check_finite(grads, list(s.layers), s.device)
+def init_adapters(s: Session) -> tuple[dict[str, LayerInit], dict, EstimationStats | None]:
+    """Initial B, A, R of every layer as ``lorasb.method`` says; rank 0 writes the init file. Collective.
+
+    Each module's owner computes its init (``lorasb``: estimation pass, then the SVD of the update;
+    ``loraxs``: the SVD of W0, gathered on every rank in turn; ``lora``: seeded), then every init is
+    broadcast from its owner. ``full`` has no layers: its init file holds metadata only.
+    """
+    import deepspeed
+
+    cfg, method = s.cfg, s.cfg.lorasb.method
+    index = {name: i for i, name in enumerate(s.layers)}  # a per-module seed, owner-independent
+    mine = [name for name in s.layers if s.owners[name] == s.rank]
+    stats = None
+    if method == "lorasb":
+        batches = weighted_estimation_batches(s.examples, cfg.lorasb.est_samples, cfg.lorasb.est_micro_batch,
+                                              s.rank, s.world, cfg.train.seed, s.tokenizer.pad_token_id)
+        grads, stats = estimate_gradients(s.engine.module, s.layers, batches, s.owners, s.device)
+        check_finite(grads, list(s.layers), s.device)
     t0 = time.perf_counter()
-    index = {name: i for i, name in enumerate(s.layers)}  # a per-module SVD seed, owner-independent
-    local = {name: init_from_gradient(G, cfg.lorasb, s.plan.lr_eff, cfg.train.seed + index[name])
-             for name, G in grads.items()}
-    del grads
-    svd_seconds = time.perf_counter() - t0
+    local: dict[str, LayerInit] = {}
+    for name, layer in s.layers.items():
+        seed = cfg.train.seed + index[name]
+        if method == "lorasb" and name in mine:
+            local[name] = init_from_gradient(grads.pop(name), cfg.lorasb, s.plan.lr_eff, seed)
+        elif method == "loraxs":
+            with deepspeed.zero.GatheredParameters([layer.base.weight]):  # every rank, every module
+                W0 = layer.base.weight.detach().float().clone() if name in mine else None
+            if W0 is not None:
+                local[name] = init_from_weight(W0, cfg.lorasb, seed)
+        elif method == "lora" and name in mine:
+            local[name] = lora_init(layer.out_features, layer.in_features, cfg.lorasb, seed)
+    init_seconds = time.perf_counter() - t0
     inits = broadcast_inits(s.layers, local, s.owners, s.device)
-    meta = dict(
-        init_metadata(cfg), init_id=new_init_id(), update=cfg.lorasb.update, lr_eff=s.plan.lr_eff,
-        est_samples=cfg.lorasb.est_samples, est_micro_batch=cfg.lorasb.est_micro_batch,
-        svd=cfg.lorasb.svd, svd_oversample=cfg.lorasb.svd_oversample, svd_niter=cfg.lorasb.svd_niter,
-        seed=cfg.train.seed, world_size=s.world, owners=s.owners, versions=_versions(),
-        data_fingerprint=s.data_fingerprint,
-    )
+    meta = dict(init_metadata(cfg), init_id=new_init_id(), seed=cfg.train.seed, world_size=s.world,
+                owners=s.owners, versions=_versions())
+    if method == "lorasb":
+        meta.update(update=cfg.lorasb.update, lr_eff=s.plan.lr_eff, est_samples=cfg.lorasb.est_samples,
+                    est_micro_batch=cfg.lorasb.est_micro_batch, data_fingerprint=s.data_fingerprint)
+    if method in ("lorasb", "loraxs"):
+        meta.update(svd=cfg.lorasb.svd, svd_oversample=cfg.lorasb.svd_oversample, svd_niter=cfg.lorasb.svd_niter)
+    if method == "lora":
+        meta.update(lora_alpha=cfg.lorasb.lora_alpha if cfg.lorasb.lora_alpha is not None else 2 * cfg.lorasb.r)
     if s.rank == 0:
         save_init_file(os.path.join(cfg.train.output_dir, INIT_FILE_NAME), inits, meta)
-        print(f"[lorasb] estimation: {stats.micro_batches_per_rank} micro-batches per rank in "
-              f"{stats.seconds:.2f}s, SVDs on rank 0 {svd_seconds:.2f}s, lr_eff {s.plan.lr_eff:.3g}")
+        if stats is not None:
+            print(f"[lorasb] estimation: {stats.micro_batches_per_rank} micro-batches per rank in "
+                  f"{stats.seconds:.2f}s, lr_eff {s.plan.lr_eff:.3g}")
+        print(f"[lorasb] {method} init of {len(inits)} layers: {init_seconds:.2f}s on rank 0")
     return inits, meta, stats
 
 
@@ -317,7 +350,7 @@ def train_loop(s: Session, logger: Logger, position: Position | None = None,
     Returns the final position and whether the run stopped early for preemption.
     """
     engine, t = s.engine, s.cfg.train
-    r_params = [layer.lora_R for layer in s.layers.values()]
+    trained = list(s.trained.values())
     pos = position or Position()
     engine.train()
     losses = []
@@ -339,14 +372,14 @@ def train_loop(s: Session, logger: Logger, position: Position | None = None,
             pos.micro_batch = i + 1
             bar.update(1)
             last = pos.step == s.plan.total_steps
-            norm = None  # ||R||, gathered at most once per step
+            norm = None  # of the trained tensors, gathered at most once per step
             if pos.step % t.log_every == 0 or last:
-                norm = r_norm(r_params)
+                norm = param_norm(trained)
                 mean_loss = torch.stack(losses).mean().to(s.device)
                 dist.all_reduce(mean_loss)
                 record = {"step": pos.step, "loss": mean_loss.item() / s.world, "lr": lr,
                           "grad_norm": _to_float(engine.get_global_grad_norm()),
-                          "r_norm": norm}
+                          "param_norm": norm}
                 bar.set_postfix(loss=f"{record['loss']:.4f}")
                 logger.log(record, tb={f"Train/{k}": v for k, v in record.items() if k != "step"})
             finite = bool(torch.isfinite(torch.stack(losses)).all())
@@ -354,7 +387,7 @@ def train_loop(s: Session, logger: Logger, position: Position | None = None,
             stop, diverged = any_rank([preemption is not None and preemption.requested, not finite], s.device)
             saving = save is not None and (stop or last or (t.save_every and pos.step % t.save_every == 0))
             if saving and not diverged:  # a checkpoint is written only with finite R (same on all ranks)
-                diverged = not math.isfinite(norm if norm is not None else r_norm(r_params))
+                diverged = not math.isfinite(norm if norm is not None else param_norm(trained))
             if diverged:
                 raise FloatingPointError(
                     f"the loss or R is NaN or inf at step {pos.step}; stopped without writing a checkpoint. "
@@ -466,7 +499,7 @@ def run(cfg: RunConfig, ds_config: dict, dry: bool = False) -> dict:
         inits, init_meta = load_init_file(cfg.train.init_file, s.layers)  # checked in prepare()
         init_path = cfg.train.init_file
     else:
-        inits, init_meta, est_stats = estimate_and_init(s)
+        inits, init_meta, est_stats = init_adapters(s)
         init_path = os.path.join(out_dir, INIT_FILE_NAME)
     apply_inits(s.layers, inits)
     position = checkpoint.Position()
@@ -475,7 +508,7 @@ def run(cfg: RunConfig, ds_config: dict, dry: bool = False) -> dict:
     energies = {name: init.energy for name, init in inits.items()}
     logger.log({"event": "init", "estimated": est_stats is not None, "init_file": init_path,
                 "resumed_from": resume_from, "start_step": position.step, "lr_eff": init_meta.get("lr_eff"),
-                "mean_energy": sum(energies.values()) / len(energies)},
+                "mean_energy": sum(energies.values()) / max(1, len(energies))},
                tb={f"Estimation/energy/{n}": e for n, e in energies.items()})
 
     extra = {"init_file": os.path.abspath(init_path), "init_id": init_meta["init_id"], "run": run_identity(cfg)}
@@ -490,11 +523,14 @@ def run(cfg: RunConfig, ds_config: dict, dry: bool = False) -> dict:
         dist.barrier()
         raise SystemExit(EXIT_PREEMPTED)
 
-    # ---- the adapter: R (fp32 master; gathered, so every rank takes part) + the init file
-    final_R = {name: safe_get_full_fp32_param(layer.lora_R).detach().float().cpu().view(layer.r, layer.r)
-               for name, layer in s.layers.items()}
+    # ---- the adapter: the trained tensors (fp32 masters; gathered, so every rank takes part) + the init file
+    final = {}
+    for name, p in s.trained.items():
+        full = safe_get_full_fp32_param(p).detach().float().cpu()
+        if s.rank == 0:
+            final[name] = full.reshape(getattr(p, "ds_shape", p.shape))
     summary = {
-        "steps": position.step, "world_size": s.world, "global_batch": s.layout.global_batch,
+        "method": cfg.lorasb.method, "steps": position.step, "world_size": s.world, "global_batch": s.layout.global_batch,
         "estimated": est_stats is not None,
         "estimation_seconds": est_stats.seconds if est_stats else None,
         "init_id": init_meta.get("init_id"), "lr_eff": init_meta.get("lr_eff"),
@@ -503,7 +539,7 @@ def run(cfg: RunConfig, ds_config: dict, dry: bool = False) -> dict:
     }
     if s.rank == 0:
         adapter_dir = os.path.join(out_dir, "adapter")
-        save_adapter(adapter_dir, final_R, init_path, init_meta)
+        save_adapter(adapter_dir, final, init_path, init_meta)
         with open(os.path.join(out_dir, "run_summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
         print(f"[lorasb] adapter written to {adapter_dir}")
@@ -512,12 +548,15 @@ def run(cfg: RunConfig, ds_config: dict, dry: bool = False) -> dict:
     return summary
 
 
-def r_norm(r_params: list[torch.nn.Parameter]) -> float:
-    """Frobenius norm of all R together (gathers them under ZeRO-3: collective)."""
+def param_norm(params: list[torch.nn.Parameter]) -> float:
+    """Frobenius norm of all the tensors together; gathers them one by one under ZeRO-3 (collective)."""
     import deepspeed
 
-    with deepspeed.zero.GatheredParameters(r_params):
-        return math.sqrt(sum(float(p.detach().float().square().sum()) for p in r_params))
+    total = 0.0
+    for p in params:
+        with deepspeed.zero.GatheredParameters([p]):
+            total += float(p.detach().float().square().sum())
+    return math.sqrt(total)
 
 
 def _to_float(x) -> float | None:

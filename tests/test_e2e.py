@@ -57,7 +57,7 @@ def test_tensorboard_has_training_and_estimation_scalars(first_run):
     out, _ = first_run
     acc = EventAccumulator(os.path.join(out, "tensorboard", "lorasb")).Reload()
     tags = set(acc.Tags()["scalars"])
-    assert {"Train/loss", "Train/lr", "Train/grad_norm", "Train/r_norm"} <= tags
+    assert {"Train/loss", "Train/lr", "Train/grad_norm", "Train/param_norm"} <= tags
     assert sum(t.startswith("Estimation/energy/") for t in tags) == 28
     assert len(acc.Scalars("Train/loss")) == 4
 

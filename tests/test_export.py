@@ -45,10 +45,10 @@ def write_adapter(model, adapter_dir, r=R, seed=0, model_name="builtin:tiny-llam
             A = orthonormal(layer.in_features, r, gen).T.contiguous()  # (r, in)
             R0 = torch.randn(r, r, generator=gen)
             inits[name] = LayerInit(B, A, R0, energy=1.0)
-            trained[name] = R0 + 0.5 * torch.randn(r, r, generator=gen)
+            trained[f"{name}.lora_R"] = R0 + 0.5 * torch.randn(r, r, generator=gen)
             layer.lora_B.copy_(B)
             layer.lora_A.copy_(A)
-            layer.lora_R.copy_(trained[name])
+            layer.lora_R.copy_(trained[f"{name}.lora_R"])
     meta = {"model": model_name, "target_modules": list(LLAMA_TARGETS), "r": r,
             "init_id": init_id or new_init_id()}
     init_path = os.path.join(os.path.dirname(str(adapter_dir)), "run_init.safetensors")
@@ -97,7 +97,7 @@ def max_diff(a, b) -> float:
 
 
 def test_load_adapter_returns_trained_R(setup):
-    adapter, meta = load_adapter(setup["adapter"])
+    adapter, _, meta = load_adapter(setup["adapter"])
     assert meta["format"] == "lorasb-adapter-v1" and meta["r"] == R
     assert len(adapter) == 4 * len(LLAMA_TARGETS)
     trained = load_file(os.path.join(setup["adapter"], "lorasb_adapter.safetensors"))
@@ -123,7 +123,7 @@ def test_peft_round_trip(setup, tmp_path, monkeypatch):
                 "use_rslora": False, "use_dora": False, "fan_in_fan_out": False}
     assert {k: config[k] for k in expected} == expected
 
-    adapter, _ = load_adapter(setup["adapter"])
+    adapter, _, _ = load_adapter(setup["adapter"])
     tensors = load_file(out / "adapter_model.safetensors")
     assert set(tensors) == {f"base_model.model.{n}.lora_{m}.weight" for n in adapter for m in "AB"}
     for name, (B, A, Rm) in adapter.items():
