@@ -42,7 +42,7 @@ class LoRASBLinear(nn.Module):
         super().__init__()
         out_features, in_features = shape_of(base)
         self.base = base
-        self.r = r
+        self.r, self.out_features, self.in_features = r, out_features, in_features
         dtype = base.weight.dtype
         for part, shape in (("B", (out_features, r)), ("A", (r, in_features)), ("R", (r, r))):
             value = torch.zeros(shape, dtype=dtype)
@@ -52,14 +52,6 @@ class LoRASBLinear(nn.Module):
                 self.register_buffer(f"lora_{part}", value, persistent=False)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.probe = None
-
-    @property
-    def in_features(self) -> int:
-        return self.lora_A.shape[1]
-
-    @property
-    def out_features(self) -> int:
-        return self.lora_B.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)

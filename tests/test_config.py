@@ -152,6 +152,8 @@ def test_missing_and_invalid_yaml_files(tmp_path):
     ("lorasb.dropout=1.0", "lorasb.dropout"),
     ("lorasb.dropout=-0.1", "lorasb.dropout"),
     ("lorasb.update=foo", "lorasb.update"),
+    ("lorasb.method=qlora", "lorasb.method"),
+    ("lorasb.lora_alpha=16", "lorasb.lora_alpha"),
     ("lorasb.lr_eff=0", "lorasb.lr_eff"),
     ("lorasb.est_samples=0", "lorasb.est_samples"),
     ("lorasb.est_micro_batch=0", "lorasb.est_micro_batch"),
@@ -177,6 +179,11 @@ def test_missing_and_invalid_yaml_files(tmp_path):
 def test_invalid_value_names_the_setting(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_run_config(overrides=[override])
+
+
+def test_lora_alpha_must_be_positive():
+    with pytest.raises(ConfigError, match=r"lorasb\.lora_alpha must be positive"):
+        load_run_config(overrides=["lorasb.method=lora", "lorasb.lora_alpha=-1"])
 
 
 def test_boundary_values_are_accepted():
