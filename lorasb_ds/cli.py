@@ -5,6 +5,8 @@
 ``lorasb merge --base_model DIR --adapter OUT/adapter --out DIR``      (W0 + B R A, shard by shard)
 ``lorasb eval --task gsm8k|math|commonsense --data FILE.jsonl --adapter OUT/adapter --out DIR [--model DIR]``
     (greedy generation and answer scoring; shard over ranks with torchrun)
+``lorasb eval --task glue --glue_task sst2 --data FILE.jsonl --adapter OUT/adapter --out DIR [--model DIR]``
+    (a classifier's predictions and the GLUE task's metrics)
 ``lorasb plan --model_config config.json --r 96 --world_size 64 [--device_memory_gb 80]``
     (memory and traffic per rank from the model's config alone; exit 1 when it does not fit)
 """
@@ -47,19 +49,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-EVAL_TASKS = ("gsm8k", "math", "commonsense")  # evaluate.TASKS, kept here so the parser imports no torch
+EVAL_TASKS = ("gsm8k", "math", "commonsense", "glue")  # evaluate.TASKS, kept here so the parser imports no torch
 EVAL_MAX_NEW_TOKENS = 256  # evaluate.DEFAULT_MAX_NEW_TOKENS
 
 
 def add_eval_parser(sub) -> None:
     ev = sub.add_parser("eval", help="generate answers with a trained adapter and score them (GSM8K, MATH, "
-                                     "commonsense); rows are sharded over the ranks of a torchrun launch")
+                                     "commonsense), or classify (GLUE); rows are sharded over the ranks of a "
+                                     "torchrun launch")
     ev.add_argument("--task", required=True, choices=EVAL_TASKS, help="scoring rules and data columns")
+    ev.add_argument("--glue_task", help="with --task glue: cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte or wnli")
     ev.add_argument("--data", required=True, help="local .json/.jsonl (gsm8k: question/answer; math: problem "
                                                  "and answer or solution; commonsense: instruction/answer)")
     ev.add_argument("--adapter", required=True, help="the adapter/ directory written by `lorasb train`")
     ev.add_argument("--out", required=True, help="directory for generations.jsonl and summary.json")
-    ev.add_argument("--model", help="local base model directory (default: the built-in tiny Llama)")
+    ev.add_argument("--model", help="local base model directory (default: the built-in tiny Llama, or tiny "
+                                    "RoBERTa for glue)")
     ev.add_argument("--max_new_tokens", type=int, default=EVAL_MAX_NEW_TOKENS,
                     help="greedy tokens generated per row (default: %(default)s)")
     ev.add_argument("--batch_size", type=int, default=8, help="prompts per generate call per rank "
@@ -141,6 +146,7 @@ def evaluate(args: argparse.Namespace) -> None:
     from .evaluate import EvalSettings, run_eval
 
     run_eval(EvalSettings(task=args.task, data=args.data, adapter=args.adapter, out=args.out, model=args.model,
+                          glue_task=args.glue_task,
                           max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, limit=args.limit,
                           dtype=args.dtype, device=args.device, dist_timeout_minutes=args.dist_timeout_minutes,
                           trust_remote_code=args.trust_remote_code))

@@ -30,10 +30,17 @@ class ConfigError(ValueError):
     """A run or DeepSpeed configuration that cannot work; the message names the field and the fix."""
 
 
+TASKS = ("causal_lm", "seq_cls")
+
+
 @dataclass
 class ModelConfig:
     name_or_path: str | None = None
-    """Hub name or local directory for ``AutoModelForCausalLM.from_pretrained``; empty: built-in tiny Llama."""
+    """Hub name or local directory for ``from_pretrained``; empty: the built-in tiny model of the task
+    (a Llama for ``causal_lm``, a RoBERTa encoder for ``seq_cls``)."""
+    task: str = "causal_lm"
+    """``causal_lm`` (instruction tuning, ``AutoModelForCausalLM``) or ``seq_cls`` (sequence
+    classification, ``AutoModelForSequenceClassification``; with ``data.format: glue``)."""
     gradient_checkpointing: bool = False
     """Non-reentrant activation checkpointing of the decoder layers."""
     trust_remote_code: bool = False
@@ -72,6 +79,10 @@ class LoraSBConfig:
     """Power iterations of the randomized SVD."""
     lora_alpha: float | None = None
     """``method: lora`` only: the scaling is lora_alpha / r; empty: 2 r."""
+    modules_to_save: list[str] | None = None
+    """Modules trained in full beside the adapter (name suffixes, e.g. ``classifier``): saved in the
+    adapter and exported as PEFT ``modules_to_save``. Empty: the classification head (``classifier``
+    or ``score``) for ``model.task: seq_cls``, nothing for ``causal_lm``."""
 
 
 @dataclass
@@ -82,7 +93,11 @@ class DataConfig:
     or a hub dataset name such as ``meta-math/MetaMathQA``; empty: built-in synthetic math."""
     format: str = "metamath"
     """Row layout: ``metamath`` (query/response), ``alpaca`` (instruction/input/output),
-    ``commonsense`` (LLM-Adapters: instruction/input/output/answer) or ``chat`` (messages)."""
+    ``commonsense`` (LLM-Adapters: instruction/input/output/answer), ``chat`` (messages) or ``glue``
+    (the columns of ``data.glue_task`` and ``label``; for ``model.task: seq_cls``)."""
+    glue_task: str | None = None
+    """``data.format: glue`` only: cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte or wnli (also the
+    hub subset when ``data.subset`` is empty)."""
     subset: str | None = None
     """Configuration of a hub dataset or directory (e.g. ``main`` for ``openai/gsm8k``)."""
     split: str = "train"
@@ -293,8 +308,16 @@ def validate_run_config(cfg: RunConfig) -> None:
         (s.svd in ("randomized", "exact"), f"lorasb.svd must be 'randomized' or 'exact', got '{s.svd}'"),
         (s.svd_oversample >= 0, f"lorasb.svd_oversample must be >= 0, got {s.svd_oversample}"),
         (s.svd_niter >= 0, f"lorasb.svd_niter must be >= 0, got {s.svd_niter}"),
-        (d.format in ("metamath", "alpaca", "commonsense", "chat"),
-         f"data.format must be 'metamath', 'alpaca', 'commonsense' or 'chat', got '{d.format}'"),
+        (d.format in ("metamath", "alpaca", "commonsense", "chat", "glue"),
+         f"data.format must be 'metamath', 'alpaca', 'commonsense', 'chat' or 'glue', got '{d.format}'"),
+        (cfg.model.task in TASKS, f"model.task must be 'causal_lm' or 'seq_cls', got '{cfg.model.task}'"),
+        ((d.format == "glue") == (cfg.model.task == "seq_cls"),
+         f"data.format={d.format} and model.task={cfg.model.task} do not go together: GLUE data trains a "
+         "classifier (data.format: glue with model.task: seq_cls), the other formats a causal LM"),
+        (d.format == "glue" or d.glue_task is None,
+         f"data.glue_task applies to data.format=glue only; drop it or set data.format: glue"),
+        (s.modules_to_save is None or all(m.strip() for m in s.modules_to_save),
+         "lorasb.modules_to_save holds an empty name"),
         (d.prompt_template in ("alpaca", "plain"),
          f"data.prompt_template must be 'alpaca' or 'plain', got '{d.prompt_template}'"),
         (d.format == "metamath" or d.prompt_template == "alpaca",
@@ -326,6 +349,10 @@ def validate_run_config(cfg: RunConfig) -> None:
             raise ConfigError(message)
     if t.init_file and not os.path.isfile(t.init_file):
         raise ConfigError(f"train.init_file: no such file '{t.init_file}'")
+    if d.format == "glue":
+        from .glue import task_of
+
+        task_of(d.glue_task)
     kind = d.source_kind()
     if kind == "builtin" and d.format != "metamath":
         raise ConfigError(f"data.format={d.format} needs data.path: the built-in synthetic set (no "

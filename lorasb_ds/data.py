@@ -13,7 +13,9 @@ The pipeline, in order:
    * ``commonsense``: as ``alpaca``, and the gold ``answer`` (``answer1``, ``option2``, ``true``, ...)
      is kept for evaluation;
    * ``chat``: ``messages`` minus the last (assistant) turn through the tokenizer's chat template with
-     the generation prompt, and the last assistant message as the response.
+     the generation prompt, and the last assistant message as the response;
+   * ``glue`` (sequence classification): no prompt; the task's sentence or sentence pair is encoded
+     as the model's tokenizer does it, and ``label`` is the target (see ``glue.py``).
 
 3. ``tokenize_rows``: prompt + response + eos as token ids; the loss is masked (-100) on the prompt,
    so the model learns only to answer. Labels are *not* shifted: the HF model shifts them itself.
@@ -28,6 +30,7 @@ Everything up to the batches is deterministic: the rows keep the order of their 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -38,10 +41,11 @@ import datasets
 import torch
 
 from .config import ConfigError, DataConfig
+from .glue import is_regression, task_of
 
 IGNORE_INDEX = -100  # label value the HF cross-entropy skips
 
-FORMATS = ("metamath", "alpaca", "commonsense", "chat")
+FORMATS = ("metamath", "alpaca", "commonsense", "chat", "glue")
 
 ALPACA_TEMPLATE = (
     "Below is an instruction that describes a task. "
@@ -196,6 +200,9 @@ def _check_columns(column_names: list[str], cfg: DataConfig, source: str) -> Non
                 )
         return
     needed = _FORMAT_COLUMNS.get(cfg.format)
+    if cfg.format == "glue":
+        needed = {c: "the text" for c in task_of(cfg.glue_task).text_columns}
+        needed["label"] = "the label"
     if needed is None:
         raise ConfigError(f"data.format must be one of {', '.join(FORMATS)}, got '{cfg.format}'")
     for column, what in needed.items():
@@ -293,6 +300,8 @@ def load_rows(cfg: DataConfig, seed: int) -> datasets.Dataset:
         rows = [{cfg.query_field: r["query"], cfg.response_field: r["response"]} for r in rows]
         return datasets.Dataset.from_list(rows)
 
+    if kind == "hub" and cfg.format == "glue" and not cfg.subset:  # nyu-mll/glue: the subset is the task
+        cfg = dataclasses.replace(cfg, subset=cfg.glue_task)
     ds = {"file": _load_file, "dir": _load_directory, "hub": _load_hub}[kind](cfg)
     source = _source_name(cfg)
     if len(ds) == 0:
@@ -400,6 +409,8 @@ def tokenize_rows(rows: datasets.Dataset, tokenizer, cfg: DataConfig) -> tuple[l
     The prompt is tokenized with the tokenizer's special tokens (``<s>``/bos first), except for
     ``chat``, whose template writes the special tokens itself.
     """
+    if cfg.format == "glue":
+        return tokenize_glue(rows, tokenizer, cfg)
     rendered = render_rows(rows, cfg, tokenizer)
     prompts = [item["prompt"] for item in rendered]
     responses = [item["response"] for item in rendered]
@@ -423,6 +434,29 @@ def tokenize_rows(rows: datasets.Dataset, tokenizer, cfg: DataConfig) -> tuple[l
     return examples, truncated
 
 
+def tokenize_glue(rows: datasets.Dataset, tokenizer, cfg: DataConfig) -> tuple[list[dict], int]:
+    """GLUE rows -> ``[{"input_ids", "labels"}]`` with ``labels`` one int (a float for ``stsb``).
+
+    A pair is encoded together (``<s> a </s></s> b </s>`` for RoBERTa); a longer encoding is cut to
+    ``cfg.max_length`` (longest text first) and counted. A row without a label (-1, as in GLUE's test
+    splits) is an error: train on a labelled split.
+    """
+    task = task_of(cfg.glue_task)
+    source = _source_name(cfg)
+    texts = [[_text(v, i, c, source, "data.glue_task") for i, v in enumerate(rows[c])] for c in task.text_columns]
+    full = tokenizer(*texts)["input_ids"]
+    ids = tokenizer(*texts, truncation=True, max_length=cfg.max_length)["input_ids"]
+    examples = []
+    for i, (x, label) in enumerate(zip(ids, rows["label"])):
+        if label is None or (not is_regression(task) and not 0 <= label < task.num_labels):
+            raise ConfigError(f"row {i} of {source}: label {label!r} is not a class of {cfg.glue_task} "
+                              f"(0..{task.num_labels - 1}); GLUE test splits are unlabelled (-1): "
+                              "train on the train split")
+        examples.append({"input_ids": x, "labels": float(label) if is_regression(task) else int(label)})
+    truncated = sum(len(a) > len(b) for a, b in zip(full, ids))
+    return examples, truncated
+
+
 def describe_truncation(truncated: int, max_length: int, num_rows: int, num_examples: int) -> str:
     """One report line on truncation, e.g. for the trainer to print after ``tokenize_rows``.
 
@@ -440,9 +474,16 @@ def describe_truncation(truncated: int, max_length: int, num_rows: int, num_exam
 
 
 def collate(examples: list[dict[str, list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example: ``input_ids``, ``attention_mask``, ``labels``, each (B, T) int64."""
+    """Right-pad to the longest example: ``input_ids``, ``attention_mask``, ``labels``, each (B, T) int64.
+
+    Classification examples (one label each) give ``labels`` of shape (B,): int64, or fp32 for regression.
+    """
     seq = max(len(ex["input_ids"]) for ex in examples)
     batch = len(examples)
+    if not isinstance(examples[0]["labels"], list):
+        dtype = torch.float32 if isinstance(examples[0]["labels"], float) else torch.long
+        padded = collate([dict(ex, labels=[]) for ex in examples], pad_token_id)
+        return dict(padded, labels=torch.tensor([ex["labels"] for ex in examples], dtype=dtype))
     input_ids = torch.full((batch, seq), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((batch, seq), dtype=torch.long)
     labels = torch.full((batch, seq), IGNORE_INDEX, dtype=torch.long)
@@ -450,7 +491,7 @@ def collate(examples: list[dict[str, list[int]]], pad_token_id: int) -> dict[str
         n = len(ex["input_ids"])
         input_ids[i, :n] = torch.tensor(ex["input_ids"], dtype=torch.long)
         attention_mask[i, :n] = 1
-        labels[i, :n] = torch.tensor(ex["labels"], dtype=torch.long)
+        labels[i, :len(ex["labels"])] = torch.tensor(ex["labels"], dtype=torch.long)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 

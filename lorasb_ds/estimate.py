@@ -151,7 +151,11 @@ def estimate_gradients(model: torch.nn.Module, layers: dict[str, LoRASBLinear],
     for name, layer in layers.items():
         sink = reducer.sink_for(name)
         layer.probe = lambda y, x, _layer, sink=sink: _WeightGradTap.apply(y, x, sink)
-    # No parameter requires grad in the probed forward: let the graph start at the embeddings.
+    # No parameter requires grad in the probed forward (a trainable head is frozen for the pass, so no
+    # gradient reaches the optimizer): let the graph start at the embeddings.
+    trained = [p for p in model.parameters() if p.requires_grad]
+    for p in trained:
+        p.requires_grad_(False)
     hook = model.get_input_embeddings().register_forward_hook(lambda m, i, out: out.requires_grad_(True))
     was_training = model.training
     model.train()
@@ -164,6 +168,8 @@ def estimate_gradients(model: torch.nn.Module, layers: dict[str, LoRASBLinear],
             reducer.drain()
     finally:
         hook.remove()
+        for p in trained:
+            p.requires_grad_(True)
         for layer in layers.values():
             layer.probe = None
         model.train(was_training)

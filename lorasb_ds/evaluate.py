@@ -1,6 +1,11 @@
-"""Evaluation of a trained LoRA-SB adapter: greedy generation and answer scoring.
+"""Evaluation of a trained LoRA-SB adapter: greedy generation and answer scoring, or GLUE classification.
 
 ``lorasb eval --task gsm8k|math|commonsense --data FILE.jsonl [--model DIR] --adapter OUT/adapter --out DIR``
+``lorasb eval --task glue --glue_task sst2 --data FILE.jsonl [--model DIR] --adapter OUT/adapter --out DIR``
+
+GLUE (``--task glue``) runs the classifier instead of generating: one forward pass per batch (right
+padded, cut at ``GLUE_MAX_LENGTH`` tokens), the predicted class is the argmax of the logits (``stsb``:
+the single output as the score), and the summary holds the task's metrics (``glue.py``).
 
 What it does, in order:
 
@@ -22,7 +27,8 @@ What it does, in order:
    rank 0 and one ``broadcast_object_list`` of the outcome (gloo: only Python objects travel), so a
    rank with fewer rows, or none, cannot make the others hang, and an error on any rank is reported
    by all. A single process needs no launcher.
-5. **Outputs** (rank 0): ``generations.jsonl`` (one line per row, in data order) and ``summary.json``.
+5. **Outputs** (rank 0): ``generations.jsonl`` (``predictions.jsonl`` for GLUE; one line per row, in
+   data order) and ``summary.json``.
 
 Prompts
 -------
@@ -77,12 +83,15 @@ from fractions import Fraction
 
 import torch
 
+from . import glue
 from .config import ConfigError
 from .data import alpaca_prompt, format_prompt
 
-TASKS = ("gsm8k", "math", "commonsense")
+TASKS = ("gsm8k", "math", "commonsense", "glue")
+GLUE_MAX_LENGTH = 512
 DEFAULT_MAX_NEW_TOKENS = 256
 GENERATIONS_FILE = "generations.jsonl"
+PREDICTIONS_FILE = "predictions.jsonl"  # --task glue
 SUMMARY_FILE = "summary.json"
 COT_CUE = " Let's think step by step."
 RESPONSE_HEADER = "### Response:"
@@ -311,6 +320,8 @@ class Example:
     gold: str  # canonical text of the gold answer
     gold_value: Fraction | None = None  # GSM8K / MATH: the gold as a number, when it is one
     family: str | None = None  # commonsense: the gold token's family
+    texts: tuple[str, ...] = ()  # GLUE: the sentence or the sentence pair
+    label: float | int | None = None  # GLUE: the gold class (or score, stsb)
 
 
 def score(task: str, generation: str, example: Example) -> dict:
@@ -366,13 +377,14 @@ def _read_rows(path: str):
         raise ConfigError(f"--data {path} could not be read as JSON/JSON Lines: {type(e).__name__}: {e}") from e
 
 
-def load_examples(task: str, path: str, limit: int = 0) -> list[Example]:
+def load_examples(task: str, path: str, limit: int = 0, glue_task: str | None = None) -> list[Example]:
     """The rows of ``path`` as examples with prompts and parsed golds; every row checked up front."""
     if task not in TASKS:
         raise ConfigError(f"--task must be one of {', '.join(TASKS)}, got {task!r}")
     ds = _read_rows(path)
     columns = ds.column_names
-    missing = [c for c in COLUMNS[task] if c not in columns]
+    needed = (*glue.task_of(glue_task, "--glue_task").text_columns, "label") if task == "glue" else COLUMNS[task]
+    missing = [c for c in needed if c not in columns]
     if task == "math" and "answer" not in columns and "solution" not in columns:
         missing.append("answer or solution")
     if missing:
@@ -385,14 +397,14 @@ def load_examples(task: str, path: str, limit: int = 0) -> list[Example]:
     examples = []
     for i, row in enumerate(ds):
         try:
-            examples.append(_example(task, i, row))
+            examples.append(_glue_example(glue_task, i, row) if task == "glue" else _example(task, i, row))
         except ValueError as e:
             raise ConfigError(f"--data {path}, row {i}: cannot read the gold answer: {e}") from None
     return examples
 
 
 def _needs(task: str) -> str:
-    return {"gsm8k": "'question' and 'answer' (with '#### <number>')",
+    return {"glue": "the task's text columns and 'label' (the GLUE layout)","gsm8k": "'question' and 'answer' (with '#### <number>')",
             "math": "'problem' and 'answer' or 'solution' (with \\boxed{...})",
             "commonsense": "'instruction' and 'answer' (an answer token), optionally 'input'"}[task]
 
@@ -414,6 +426,16 @@ def _example(task: str, index: int, row: dict) -> Example:
                    family=family)
 
 
+def _glue_example(glue_task: str, index: int, row: dict) -> Example:
+    task = glue.task_of(glue_task, "--glue_task")
+    label = row["label"]
+    if label is None or (not glue.is_regression(task) and label not in range(task.num_labels)):
+        raise ValueError(f"label {label!r} is not a class of {glue_task} (GLUE test splits are unlabelled: "
+                         "evaluate on the validation split)")
+    texts = tuple(str(row[c]) for c in task.text_columns)
+    return Example(index, " ||| ".join(texts), "", str(label), texts=texts, label=label)
+
+
 # --------------------------------------------------------------------------- model
 
 
@@ -424,6 +446,7 @@ class EvalSettings:
     adapter: str
     out: str
     model: str | None = None
+    glue_task: str | None = None
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     batch_size: int = 8
     limit: int = 0
@@ -439,6 +462,10 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 def check_settings(s: EvalSettings) -> None:
     if s.task not in TASKS:
         raise ConfigError(f"--task must be one of {', '.join(TASKS)}, got {s.task!r}")
+    if (s.task == "glue") != (s.glue_task is not None):
+        raise ConfigError("--glue_task names the GLUE task and goes with --task glue only")
+    if s.task == "glue":
+        glue.task_of(s.glue_task, "--glue_task")
     for name, value, low in (("--max_new_tokens", s.max_new_tokens, 1), ("--batch_size", s.batch_size, 1),
                              ("--limit", s.limit, 0)):
         if value < low:
@@ -483,27 +510,30 @@ def pick_dtype(s: EvalSettings, device: torch.device) -> torch.dtype:
 
 
 def load_model_and_tokenizer(s: EvalSettings, device: torch.device, dtype: torch.dtype):
-    """The base model with the adapter applied (eval mode, on ``device``) and a left-padding tokenizer."""
+    """The base model with the adapter applied (eval mode, on ``device``) and its tokenizer (left padding
+    for generation, right padding for GLUE)."""
     from .export import apply_adapter
+    from .modeling import auto_class, task_kwargs, tiny_llama, tiny_roberta, tiny_tokenizer
 
+    model_task = "seq_cls" if s.task == "glue" else "causal_lm"
+    num_labels = glue.task_of(s.glue_task, "--glue_task").num_labels if s.task == "glue" else None
     if s.model:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
         try:
             tokenizer = AutoTokenizer.from_pretrained(s.model, trust_remote_code=s.trust_remote_code)
             # straight onto the GPU: no rank holds a host copy of the whole model
             placement = {"device_map": {"": str(device)}} if device.type == "cuda" else {}
-            model = AutoModelForCausalLM.from_pretrained(s.model, dtype=dtype,
-                                                         trust_remote_code=s.trust_remote_code, **placement)
+            model = auto_class(model_task).from_pretrained(s.model, dtype=dtype, trust_remote_code=s.trust_remote_code,
+                                                           **task_kwargs(model_task, num_labels), **placement)
         except OSError as e:
             raise ConfigError(f"--model {s.model}: cannot load it ({e}); pass a local model directory") from None
     else:
-        from .modeling import tiny_llama, tiny_tokenizer
-
-        tokenizer, model = tiny_tokenizer(), tiny_llama(dtype)
+        tokenizer = tiny_tokenizer()
+        model = tiny_roberta(num_labels, dtype) if s.task == "glue" else tiny_llama(dtype)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"
+    tokenizer.padding_side = "right" if s.task == "glue" else "left"
     apply_adapter(model, s.adapter)
     return model.to(device).eval(), tokenizer
 
@@ -542,6 +572,20 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
         if progress:
             progress(b + 1, len(batches))
     return texts
+
+
+@torch.inference_mode()
+def classify(model, tokenizer, examples: list[Example], batch_size: int, device: torch.device,
+             regression: bool) -> list:
+    """The predicted class of every example (argmax of the logits), or its score for a regression head."""
+    predictions: list = []
+    for i in range(0, len(examples), batch_size):
+        columns = list(zip(*(e.texts for e in examples[i:i + batch_size])))
+        enc = tokenizer(*columns, return_tensors="pt", padding=True, truncation=True, max_length=GLUE_MAX_LENGTH)
+        logits = model(input_ids=enc["input_ids"].to(device),
+                       attention_mask=enc["attention_mask"].to(device)).logits.float()
+        predictions += logits[:, 0].tolist() if regression else logits.argmax(-1).tolist()
+    return predictions
 
 
 # --------------------------------------------------------------------------- processes
@@ -624,10 +668,14 @@ def run_eval(s: EvalSettings) -> dict | None:
     started = time.time()
     check_settings(s)
     rank, world = _launch_world()
-    examples = load_examples(s.task, s.data, s.limit)
+    examples = load_examples(s.task, s.data, s.limit, s.glue_task)
     from .export import load_adapter
 
     _, _, adapter_meta = load_adapter(s.adapter)  # the files are checked before anything heavy starts
+    trained_for = adapter_meta.get("task", "causal_lm")
+    if (trained_for == "seq_cls") != (s.task == "glue"):
+        raise ConfigError(f"--adapter {s.adapter} was trained for model.task={trained_for}, which --task {s.task} "
+                          "cannot evaluate: GLUE needs a classifier's adapter, the other tasks a causal LM's")
     owns_group = _start_group(rank, world, s.dist_timeout_minutes)
     rank, world = _current_world()
     try:
@@ -648,7 +696,7 @@ def _evaluate(s: EvalSettings, examples: list[Example], adapter_meta: dict, rank
     gen_seconds = 0.0
     try:
         model, tokenizer = load_model_and_tokenizer(s, device, dtype)
-        trained_on, evaluated_on = adapter_meta.get("model"), s.model or "builtin:tiny-llama"
+        trained_on, evaluated_on = adapter_meta.get("model"), s.model or _builtin_name(s)
         if rank == 0 and trained_on and trained_on != evaluated_on:
             print(f"[lorasb] eval: note: the adapter was trained on {trained_on}, evaluated on {evaluated_on}",
                   flush=True)
@@ -661,12 +709,19 @@ def _evaluate(s: EvalSettings, examples: list[Example], adapter_meta: dict, rank
                 print(f"[lorasb] eval: rank 0 batch {done}/{total}", flush=True)
 
         t0 = time.time()
-        texts = generate(model, tokenizer, [e.prompt for e in mine], s.max_new_tokens, s.batch_size, device,
-                         progress)
+        if s.task == "glue":
+            regression = glue.is_regression(glue.task_of(s.glue_task))
+            predictions = classify(model, tokenizer, mine, s.batch_size, device, regression)
+            for example, prediction in zip(mine, predictions):
+                payload["rows"].append({"index": example.index, "texts": list(example.texts),
+                                        "label": example.label, "prediction": prediction})
+        else:
+            texts = generate(model, tokenizer, [e.prompt for e in mine], s.max_new_tokens, s.batch_size, device,
+                             progress)
+            for example, text in zip(mine, texts):
+                payload["rows"].append({"index": example.index, "prompt": example.prompt, "generation": text,
+                                        "gold": example.gold, **score(s.task, text, example)})
         gen_seconds = time.time() - t0
-        for example, text in zip(mine, texts):
-            payload["rows"].append({"index": example.index, "prompt": example.prompt, "generation": text,
-                                    "gold": example.gold, **score(s.task, text, example)})
     except ConfigError as e:
         payload["error"] = {"rank": rank, "config": True, "message": str(e)}
     except Exception as e:  # reported through the collectives, so no rank waits for a failed one
@@ -678,16 +733,36 @@ def _evaluate(s: EvalSettings, examples: list[Example], adapter_meta: dict, rank
         return None
     rows = sorted((row for p in gathered for row in p["rows"]), key=lambda row: row["index"])
     summary = _summary(s, rows, adapter_meta, world, device, dtype, gen_seconds, time.time() - started)
-    _write_outputs(s.out, rows, summary)
+    _write_outputs(s.out, PREDICTIONS_FILE if s.task == "glue" else GENERATIONS_FILE, rows, summary)
+    if s.task == "glue":
+        scores = ", ".join(f"{k} {v:.4f}" for k, v in summary["metrics"].items())
+        print(f"[lorasb] eval: glue {s.glue_task} on {summary['rows']} rows: {scores}; written to {s.out}", flush=True)
+        return summary
     print(f"[lorasb] eval: {s.task} strict accuracy {summary['accuracy_strict']:.4f} "
           f"({summary['correct_strict']}/{summary['rows']}), flexible {summary['accuracy_flexible']:.4f}; "
           f"written to {s.out}", flush=True)
     return summary
 
 
+def _builtin_name(s: EvalSettings) -> str:
+    from .modeling import builtin_name
+
+    return builtin_name("seq_cls" if s.task == "glue" else "causal_lm")
+
+
 def _summary(s: EvalSettings, rows: list[dict], adapter_meta: dict, world: int, device: torch.device,
              dtype: torch.dtype, gen_seconds: float, seconds: float) -> dict:
     n = len(rows)
+    common = {"model": s.model or _builtin_name(s), "adapter": os.path.abspath(s.adapter),
+              "adapter_model": adapter_meta.get("model"), "adapter_init_id": adapter_meta.get("init_id"),
+              "r": adapter_meta.get("r"), "method": adapter_meta.get("method"), "batch_size": s.batch_size,
+              "limit": s.limit, "world_size": world, "device": device.type,
+              "dtype": str(dtype).removeprefix("torch."), "seconds": round(seconds, 3)}
+    if s.task == "glue":
+        task = glue.task_of(s.glue_task)
+        metrics = glue.compute_metrics(task, [r["prediction"] for r in rows], [r["label"] for r in rows])
+        return {"task": "glue", "glue_task": s.glue_task, "data": os.path.abspath(s.data), "rows": n,
+                "metrics": metrics, "classification_seconds_rank0": round(gen_seconds, 3), **common}
     correct_strict = sum(r["correct_strict"] for r in rows)
     correct_flexible = sum(r["correct_flexible"] for r in rows)
     return {
@@ -699,26 +774,16 @@ def _summary(s: EvalSettings, rows: list[dict], adapter_meta: dict, world: int, 
         "no_prediction_strict": sum(r["prediction_strict"] is None for r in rows),
         "accuracy_strict": correct_strict / n,
         "accuracy_flexible": correct_flexible / n,
-        "model": s.model or "builtin:tiny-llama",
-        "adapter": os.path.abspath(s.adapter),
-        "adapter_model": adapter_meta.get("model"),
-        "adapter_init_id": adapter_meta.get("init_id"),
-        "r": adapter_meta.get("r"),
         "max_new_tokens": s.max_new_tokens,
-        "batch_size": s.batch_size,
-        "limit": s.limit,
         "decoding": "greedy",
-        "world_size": world,
-        "device": device.type,
-        "dtype": str(dtype).removeprefix("torch."),
         "generation_seconds_rank0": round(gen_seconds, 3),
-        "seconds": round(seconds, 3),
+        **common,
     }
 
 
-def _write_outputs(out: str, rows: list[dict], summary: dict) -> None:
+def _write_outputs(out: str, rows_file: str, rows: list[dict], summary: dict) -> None:
     os.makedirs(out, exist_ok=True)
-    path = os.path.join(out, GENERATIONS_FILE)
+    path = os.path.join(out, rows_file)
     with open(path + ".tmp", "w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")

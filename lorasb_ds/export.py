@@ -69,6 +69,7 @@ def save_adapter(adapter_dir: str, trained: dict[str, torch.Tensor], init_path: 
         shutil.copyfile(init_path, init_copy + ".tmp")
         os.replace(init_copy + ".tmp", init_copy)
     meta = {"format": ADAPTER_FORMAT, "init_file": INIT_FILE_NAME, "method": init_meta.get("method", "lorasb"),
+            "task": init_meta.get("task", "causal_lm"), "modules_to_save": init_meta.get("modules_to_save", []),
             **{k: init_meta[k] for k in ("init_id", "model", "target_modules", "r")}}
     path = os.path.join(adapter_dir, ADAPTER_FILE_NAME)
     save_file({n: t.contiguous() for n, t in trained.items()}, path + ".tmp",
@@ -217,15 +218,16 @@ def export_peft(adapter_dir: str, out_dir: str, base_model: str | None = None) -
         raise ConfigError(f"--adapter {adapter_dir}: method 'full' trained every weight and has no LoRA form; "
                           "write the fine-tuned model with `lorasb merge` instead")
     os.makedirs(out_dir, exist_ok=True)
-    _atomic_save_file(peft_state_dict(adapter), os.path.join(out_dir, PEFT_WEIGHTS_NAME), {"format": "pt"})
+    _atomic_save_file(peft_state_dict(adapter, weights), os.path.join(out_dir, PEFT_WEIGHTS_NAME), {"format": "pt"})
     config = peft_config(meta, base_model or meta.get("model"))
     _atomic_write_text(json.dumps(config, indent=2) + "\n", os.path.join(out_dir, PEFT_CONFIG_NAME))
     return out_dir
 
 
-def peft_state_dict(adapter: Adapter) -> dict[str, torch.Tensor]:
-    """PEFT's saved keys: ``lora_A.weight`` = A (r x in) and ``lora_B.weight`` = B R (out x r), fp32."""
-    tensors = {}
+def peft_state_dict(adapter: Adapter, weights: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """PEFT's saved keys: ``lora_A.weight`` = A (r x in) and ``lora_B.weight`` = B R (out x r), fp32;
+    the tensors of ``modules_to_save`` (a classifier's head) under their own names."""
+    tensors = {f"{PEFT_PREFIX}{key}": t.contiguous() for key, t in (weights or {}).items()}
     for name, (B, A, R) in adapter.items():
         tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = A.contiguous()
         tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = (B @ R).contiguous()
@@ -237,13 +239,14 @@ def peft_config(meta: dict, base_model: str | None) -> dict:
     r = int(meta["r"])
     return {
         "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
+        "task_type": "SEQ_CLS" if meta.get("task") == "seq_cls" else "CAUSAL_LM",
         "base_model_name_or_path": base_model,
         "r": r,
         "lora_alpha": r,
         "lora_dropout": 0.0,
         "bias": "none",
         "target_modules": list(meta["target_modules"]),
+        "modules_to_save": list(meta.get("modules_to_save") or []) or None,
         "fan_in_fan_out": False,
         "use_rslora": False,
         "use_dora": False,

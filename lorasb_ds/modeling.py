@@ -4,9 +4,10 @@
   ``HfDeepSpeedConfig`` is kept alive while it loads, so transformers builds the model inside
   ``deepspeed.zero.Init`` and every rank holds only its shard of each weight: no rank ever has a
   full copy of the model in host memory.
-* With no model named, a built-in tiny Llama (0.62M parameters, fixed seed) and a character
-  tokenizer are built from code, so the whole pipeline runs on any machine with no download. It is
-  built unpartitioned (it is tiny) and partitioned by ``deepspeed.initialize``.
+* With no model named, a built-in tiny Llama (0.62M parameters, fixed seed; for ``model.task:
+  seq_cls`` a tiny RoBERTa encoder with a classification head) and a character tokenizer are built
+  from code, so the whole pipeline runs on any machine with no download. It is built unpartitioned
+  (it is tiny) and partitioned by ``deepspeed.initialize``.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ import os
 import string
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
-from transformers import PreTrainedTokenizerFast
+from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, LlamaConfig,
+                          LlamaForCausalLM, PreTrainedTokenizerFast, RobertaConfig,
+                          RobertaForSequenceClassification)
 
 from .config import ConfigError, ModelConfig
 
@@ -24,7 +26,8 @@ TINY_SEED = 1234
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """Character-level tokenizer over printable ASCII; ``<s>`` is prepended to every encoding."""
+    """Character-level tokenizer over printable ASCII; ``<s>`` is prepended to every encoding, and a
+    pair is encoded ``<s> a </s> b`` (for sentence-pair classification)."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
     specials = ["<pad>", "<s>", "</s>", "<unk>"]
@@ -33,7 +36,8 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
     tok.decoder = decoders.Fuse()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A </s> $B",
+                                                       special_tokens=[("<s>", 1), ("</s>", 2)])
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
     )
@@ -64,6 +68,41 @@ def tiny_llama(dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
     return model.to(dtype)
 
 
+def tiny_roberta_config(num_labels: int, vocab_size: int = 128) -> RobertaConfig:
+    """2 layers, hidden 64, 4 heads, MLP 128; positions for 512 tokens (RoBERTa offsets them by pad + 1)."""
+    return RobertaConfig(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=512 + 2, pad_token_id=0, bos_token_id=1,
+        eos_token_id=2, num_labels=num_labels,
+        problem_type="regression" if num_labels == 1 else "single_label_classification",
+    )
+
+
+def tiny_roberta(num_labels: int, dtype: torch.dtype = torch.float32) -> RobertaForSequenceClassification:
+    """The built-in classifier (``model.task: seq_cls``): same weights on every rank and run (seeded)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SEED)
+        model = RobertaForSequenceClassification(tiny_roberta_config(num_labels))
+    return model.to(dtype)
+
+
+def builtin_name(task: str) -> str:
+    """How init files and adapters name the built-in model of a task."""
+    return "builtin:tiny-roberta" if task == "seq_cls" else "builtin:tiny-llama"
+
+
+def auto_class(task: str):
+    return AutoModelForSequenceClassification if task == "seq_cls" else AutoModelForCausalLM
+
+
+def task_kwargs(task: str, num_labels: int | None) -> dict:
+    """``from_pretrained``/``from_config`` arguments of a classifier: its number of outputs and loss."""
+    if task != "seq_cls":
+        return {}
+    return {"num_labels": num_labels,
+            "problem_type": "regression" if num_labels == 1 else "single_label_classification"}
+
+
 def load_tokenizer(cfg: ModelConfig):
     if not cfg.name_or_path:
         return tiny_tokenizer()
@@ -81,18 +120,21 @@ def check_model_source(cfg: ModelConfig) -> None:
         raise ConfigError(f"model.name_or_path: no such directory '{p}'")
 
 
-def load_model(cfg: ModelConfig, ds_config: dict, dtype: torch.dtype) -> torch.nn.Module:
-    """The base model in ``dtype``; partitioned while loading when the DeepSpeed config is ZeRO-3."""
+def load_model(cfg: ModelConfig, ds_config: dict, dtype: torch.dtype,
+               num_labels: int | None = None) -> torch.nn.Module:
+    """The base model in ``dtype``; partitioned while loading when the DeepSpeed config is ZeRO-3.
+
+    ``num_labels``: outputs of the classification head (``model.task: seq_cls``)."""
     if not cfg.name_or_path:
-        return tiny_llama(dtype)
+        return tiny_roberta(num_labels, dtype) if cfg.task == "seq_cls" else tiny_llama(dtype)
     keep_alive = None
     if ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
         from transformers.integrations import HfDeepSpeedConfig
 
         # transformers consults a global weak reference to this object inside from_pretrained.
         keep_alive = HfDeepSpeedConfig(ds_config)  # noqa: F841
-    model = AutoModelForCausalLM.from_pretrained(
-        cfg.name_or_path, dtype=dtype, trust_remote_code=cfg.trust_remote_code
+    model = auto_class(cfg.task).from_pretrained(
+        cfg.name_or_path, dtype=dtype, trust_remote_code=cfg.trust_remote_code, **task_kwargs(cfg.task, num_labels)
     )
     del keep_alive
     return model

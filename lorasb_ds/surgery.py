@@ -74,6 +74,38 @@ def wrap_targets(model: nn.Module, target_modules: list[str], r: int, dropout: f
     return layers
 
 
+HEAD_NAMES = ("classifier", "score")
+"""Classification heads of transformers' ``*ForSequenceClassification`` models (RoBERTa/BERT, Llama)."""
+
+
+def modules_to_save(model: nn.Module, names: list[str] | None, task: str) -> list[str]:
+    """Full names of the modules trained in full beside the adapter (``lorasb.modules_to_save``).
+
+    ``names`` are suffixes, as for the targets; ``None`` means the classification head for
+    ``seq_cls`` and nothing for ``causal_lm``. A name matching nothing is an error.
+    """
+    if names is None:
+        names = [h for h in HEAD_NAMES if any(n == h or n.endswith("." + h) for n, _ in model.named_modules())]
+        if task == "seq_cls" and not names:
+            raise ConfigError(f"model.task=seq_cls but the model has no module named {' or '.join(HEAD_NAMES)}; "
+                              "name its classification head in lorasb.modules_to_save")
+        if task != "seq_cls":
+            return []
+    found = []
+    for suffix in names:
+        hits = [n for n, _ in model.named_modules() if n == suffix or n.endswith("." + suffix)]
+        if not hits:
+            raise ConfigError(f"lorasb.modules_to_save: '{suffix}' matches no module of this model")
+        found += [h for h in hits if h not in found]
+    return found
+
+
+def train_modules(model: nn.Module, names: list[str]) -> None:
+    """Make every parameter of the named modules trainable (after ``wrap_targets`` froze the model)."""
+    for name in names:
+        model.get_submodule(name).requires_grad_(True)
+
+
 @dataclass(frozen=True)
 class ParameterCounts:
     trainable: int

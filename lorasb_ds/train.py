@@ -37,8 +37,9 @@ from .init import (LayerInit, apply_inits, broadcast_inits, check_init_metadata,
                    init_from_weight, load_init_file, lora_init, new_init_id, read_init_metadata,
                    save_init_file)
 from .layer import LoRASBLinear
-from .modeling import check_model_source, load_model, load_tokenizer, tiny_llama_config
-from .surgery import ParameterCounts, count_parameters, find_targets, wrap_targets
+from .modeling import (auto_class, builtin_name, check_model_source, load_model, load_tokenizer,
+                       tiny_llama_config, tiny_roberta_config)
+from .surgery import ParameterCounts, count_parameters, find_targets, modules_to_save, train_modules, wrap_targets
 
 
 
@@ -63,16 +64,22 @@ def model_dtype(ds_config: dict) -> torch.dtype:
 
 
 def check_targets_without_weights(cfg: RunConfig) -> None:
-    """Fail on bad targets or rank from the model's config alone, before any weight is loaded."""
-    from transformers import AutoModelForCausalLM
-
+    """Fail on bad targets, rank or modules to save from the model's config alone, before any weight
+    is loaded."""
     if cfg.lorasb.method == "full":
         return
-
     with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(model_config_of(cfg),
-                                                    trust_remote_code=cfg.model.trust_remote_code)
+        skeleton = auto_class(cfg.model.task).from_config(model_config_of(cfg),
+                                                          trust_remote_code=cfg.model.trust_remote_code)
     find_targets(skeleton, cfg.lorasb.target_modules, cfg.lorasb.r)
+    modules_to_save(skeleton, cfg.lorasb.modules_to_save, cfg.model.task)
+
+
+def num_labels_of(cfg: RunConfig) -> int | None:
+    """Outputs of the classification head (``model.task: seq_cls``): from the GLUE task."""
+    from .glue import task_of
+
+    return task_of(cfg.data.glue_task).num_labels if cfg.model.task == "seq_cls" else None
 
 
 @dataclass
@@ -99,7 +106,8 @@ def make_plan(cfg: RunConfig, num_examples: int, micro_batch: int, grad_accum: i
 
 def init_metadata(cfg: RunConfig) -> dict:
     """What an init file must agree on with the run that reuses it."""
-    return {"model": cfg.model.name_or_path or "builtin:tiny-llama", "method": cfg.lorasb.method,
+    return {"model": cfg.model.name_or_path or builtin_name(cfg.model.task), "method": cfg.lorasb.method,
+            "task": cfg.model.task,
             "target_modules": list(cfg.lorasb.target_modules), "r": cfg.lorasb.r}
 
 
@@ -135,6 +143,8 @@ class Session:
     layers: dict[str, LoRASBLinear]
     trained: dict[str, torch.nn.Parameter]
     """Every parameter the optimizer holds, by its name in the model (LoRA-SB: ``<module>.lora_R``)."""
+    modules_to_save: list[str]
+    """Modules trained in full beside the adapter (a classifier's head)."""
     counts: ParameterCounts
     tokenizer: object
     examples: list[dict]
@@ -236,10 +246,13 @@ def build(p: Prepared) -> Session:
     deepspeed.runtime.utils.set_random_seed(cfg.train.seed)
 
     # ---- model, surgery, engine (the optimizer sees the trained tensors only: LoRA-SB's R matrices)
-    model = load_model(cfg.model, ds_config, model_dtype(ds_config))
+    model = load_model(cfg.model, ds_config, model_dtype(ds_config), num_labels_of(cfg))
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     layers = wrap_targets(model, cfg.lorasb.target_modules, cfg.lorasb.r, cfg.lorasb.dropout, cfg.lorasb.method)
+    saved = [] if cfg.lorasb.method == "full" else modules_to_save(model, cfg.lorasb.modules_to_save,
+                                                                    cfg.model.task)
+    train_modules(model, saved)
     counts = count_parameters(model, layers)
     trained = {name: p for name, p in model.named_parameters() if p.requires_grad}
     t = cfg.train
@@ -259,7 +272,7 @@ def build(p: Prepared) -> Session:
               f"({p.truncated} truncated); {plan.total_steps} steps, warm-up {plan.warmup_steps}")
         print(f"[lorasb] method {cfg.lorasb.method}, {len(layers)} adapter layers, r={cfg.lorasb.r}: "
               f"{counts.describe()}")
-    return Session(cfg, engine, scheduler, layers, trained, counts, p.tokenizer, examples, p.truncated, layout, plan,
+    return Session(cfg, engine, scheduler, layers, trained, saved, counts, p.tokenizer, examples, p.truncated, layout, plan,
                    rank, world, device, assign_owners(shapes, world), p.data_fingerprint)
 
 
@@ -474,8 +487,12 @@ def model_config_of(cfg: RunConfig):
     from transformers import AutoConfig
 
     if not cfg.model.name_or_path:
-        return tiny_llama_config()
-    return AutoConfig.from_pretrained(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
+        return tiny_roberta_config(num_labels_of(cfg)) if cfg.model.task == "seq_cls" else tiny_llama_config()
+    config = AutoConfig.from_pretrained(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
+    if cfg.model.task == "seq_cls":
+        config.num_labels = num_labels_of(cfg)
+        config.problem_type = "regression" if config.num_labels == 1 else "single_label_classification"
+    return config
 
 
 def run(cfg: RunConfig, ds_config: dict, dry: bool = False) -> dict:
@@ -539,7 +556,7 @@ def run(cfg: RunConfig, ds_config: dict, dry: bool = False) -> dict:
     }
     if s.rank == 0:
         adapter_dir = os.path.join(out_dir, "adapter")
-        save_adapter(adapter_dir, final, init_path, init_meta)
+        save_adapter(adapter_dir, final, init_path, dict(init_meta, modules_to_save=s.modules_to_save))
         with open(os.path.join(out_dir, "run_summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
         print(f"[lorasb] adapter written to {adapter_dir}")

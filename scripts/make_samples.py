@@ -14,6 +14,9 @@ alpaca.jsonl           instruction, input, output                    Alpaca-styl
 commonsense.json       instruction, input, output, answer (a list)   LLM-Adapters commonsense_170k
 chat.jsonl             messages: [{role, content}, ...]              chat / instruct conversations
 gsm8k_test.jsonl       question, answer ("#### N" last line)         GSM8K test split
+glue_sst2.jsonl        sentence, label (0/1), idx                    GLUE SST-2
+glue_mrpc.jsonl        sentence1, sentence2, label (0/1), idx        GLUE MRPC
+glue_stsb.jsonl        sentence1, sentence2, label (0.0-5.0), idx    GLUE STS-B
 =====================  ============================================  ==========================
 
 Usage: ``python scripts/make_samples.py [--out DIR]`` (default: ``data/samples`` of this repository).
@@ -409,6 +412,62 @@ def gsm8k_test_rows(n: int = ROWS, seed: int = 505) -> list[dict]:
     return rows
 
 
+# --------------------------------------------------------------------------- GLUE
+
+SUBJECTS = ["the film", "the meal", "the concert", "this book", "the hotel", "our trip", "the game", "the class"]
+GOOD = ["wonderful", "delightful", "great fun", "moving", "superb", "charming"]
+BAD = ["dull", "a mess", "tiresome", "awful", "a letdown", "painful"]
+ACTIONS = [("bought", "purchased"), ("fixed", "repaired"), ("started", "began"), ("left", "departed from"),
+           ("watched", "saw"), ("sold", "traded away")]
+THINGS = ["the old car", "a small boat", "the red house", "two bikes", "the shop", "a new phone"]
+
+
+def sst2_rows(n: int = ROWS, seed: int = 606) -> list[dict]:
+    """Sentiment of a one-line review: label 1 when its adjective is from the positive list."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = i % 2
+        adjective = rng.choice(GOOD if label else BAD)
+        rows.append({"sentence": f"{rng.choice(SUBJECTS)} was {adjective} .", "label": label, "idx": i})
+    return rows
+
+
+def mrpc_rows(n: int = ROWS, seed: int = 707) -> list[dict]:
+    """Sentence pairs: label 1 when the second says the same with a synonym, 0 when it changes the facts."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        name, (verb, synonym), thing = rng.choice(NAMES), rng.choice(ACTIONS), rng.choice(THINGS)
+        first = f"{name} {verb} {thing} on Monday."
+        label = i % 2
+        if label:
+            second = f"On Monday, {name} {synonym} {thing}."
+        else:
+            other = rng.choice([t for t in THINGS if t != thing])
+            second = f"On Friday, {rng.choice([m for m in NAMES if m != name])} {synonym} {other}."
+        rows.append({"sentence1": first, "sentence2": second, "label": label, "idx": i})
+    return rows
+
+
+def stsb_rows(n: int = ROWS, seed: int = 808) -> list[dict]:
+    """Sentence pairs scored 0-5 by how many of their four facts (who, verb, what, when) agree."""
+    rng = random.Random(seed)
+    days = ["Monday", "Tuesday", "Friday", "Sunday"]
+    rows = []
+    for i in range(n):
+        a = [rng.choice(NAMES), rng.choice(ACTIONS), rng.choice(THINGS), rng.choice(days)]
+        b = list(a)
+        for k in rng.sample(range(4), rng.randint(0, 4)):  # change some facts
+            pool = [NAMES, ACTIONS, THINGS, days][k]
+            b[k] = rng.choice([x for x in pool if x != a[k]])
+        same = sum(x == y for x, y in zip(a, b))
+        rows.append({"sentence1": f"{a[0]} {a[1][0]} {a[2]} on {a[3]}.",
+                     "sentence2": f"On {b[3]}, {b[0]} {b[1][1]} {b[2]}.",
+                     "label": round(5.0 * same / 4, 2), "idx": i})
+    return rows
+
+
 # --------------------------------------------------------------------------- writing
 
 SAMPLES = {  # file name -> rows
@@ -417,6 +476,9 @@ SAMPLES = {  # file name -> rows
     "commonsense.json": commonsense_rows,
     "chat.jsonl": chat_rows,
     "gsm8k_test.jsonl": gsm8k_test_rows,
+    "glue_sst2.jsonl": sst2_rows,
+    "glue_mrpc.jsonl": mrpc_rows,
+    "glue_stsb.jsonl": stsb_rows,
 }
 
 
