@@ -143,3 +143,15 @@ def test_hub_glue_defaults_the_subset_to_the_task(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     rows = load_rows(DataConfig(path="nyu-mll/glue", format="glue", glue_task="sst2"), seed=0)
     assert seen == {"path": "nyu-mll/glue", "subset": "sst2", "split": "train"} and len(rows) == 1
+
+
+def test_shipped_glue_config_passes_every_check(tmp_path):
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(SAMPLES.rstrip("/").rsplit("/", 1)[0])
+    proc = subprocess.run([sys.executable, "-m", "lorasb_ds.cli", "train", "--config", "configs/tiny-glue.yaml",
+                           "--ds_config", "ds_configs/zero3.json", "--dry_run", "--output_dir", str(tmp_path)],
+                          cwd=repo, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert '"dry_run": true' in proc.stdout and "roberta" in proc.stdout
