@@ -21,8 +21,8 @@ What it does, in order:
    tokens, in batches of ``--batch_size`` prompts, left padded. Within a rank the prompts are taken
    longest first, which keeps padding small; greedy results do not depend on the batch a prompt is in
    (up to float rounding).
-4. **Sharding**: started by ``torchrun`` (or anything else that sets RANK, WORLD_SIZE, MASTER_ADDR,
-   MASTER_PORT, e.g. the ``deepspeed`` runner), rank k generates rows k, k + world, k + 2 world, ...
+4. **Sharding**: started by ``torchrun``, the ``deepspeed`` runner, ``mpirun`` or ``srun`` (ranks found
+   as for training, ``dist.py``), rank k generates rows k, k + world, k + 2 world, ...
    Generation needs no communication; afterwards every rank makes exactly one ``gather_object`` to
    rank 0 and one ``broadcast_object_list`` of the outcome (gloo: only Python objects travel), so a
    rank with fewer rows, or none, cannot make the others hang, and an error on any rank is reported
@@ -592,23 +592,14 @@ def classify(model, tokenizer, examples: list[Example], batch_size: int, device:
 
 
 def _launch_world() -> tuple[int, int]:
-    """(rank, world size) from RANK / WORLD_SIZE (torchrun, the deepspeed runner, by hand); (0, 1) without."""
-    env = os.environ
-    try:
-        world = int(env.get("WORLD_SIZE") or 1)
-        rank = int(env.get("RANK") or 0)
-    except ValueError:
-        raise ConfigError(f"RANK={env.get('RANK')!r} / WORLD_SIZE={env.get('WORLD_SIZE')!r} are not integers") from None
-    if world < 1 or not 0 <= rank < world:
-        raise ConfigError(f"RANK={rank} is not in [0, WORLD_SIZE={world})")
-    if world > 1:
-        if "RANK" not in env:
-            raise ConfigError(f"WORLD_SIZE={world} but RANK is not set")
-        missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if not env.get(v)]
-        if missing:
-            raise ConfigError(f"WORLD_SIZE={world} but {' and '.join(missing)} not set: start the ranks with "
-                              "torchrun (or set them)")
-    return rank, world
+    """(rank, world size) as ``dist.discover`` finds them, whatever started the process (torchrun, the
+    deepspeed runner, mpirun, srun, or nothing: (0, 1)); the rendezvous variables are exported."""
+    from .dist import discover
+
+    layout = discover()
+    if layout.world_size > 1:
+        layout.export()
+    return layout.rank, layout.world_size
 
 
 def _start_group(rank: int, world: int, timeout_minutes: float) -> bool:

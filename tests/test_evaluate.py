@@ -294,11 +294,18 @@ def test_eval_batch_size_does_not_change_generations(e2e):
     assert json.loads((out / "summary.json").read_text())["rows"] == 5
 
 
-def test_eval_sharded_matches_single_process(e2e):
-    out = e2e["root"] / "sharded"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           os.path.join(REPO, "launch", "evaluate.py"), *EVAL_ARGS, "--data", e2e["data"],
-           "--adapter", e2e["adapter"], "--out", str(out), "--batch_size", "2"]
+def launcher_cmd(launcher: str, script: str) -> list[str]:
+    if launcher == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", script]
+    mpirun = os.path.join(os.path.dirname(sys.executable), "mpirun")  # Open MPI from PyPI (the dev extra)
+    return [mpirun, "--allow-run-as-root", "--oversubscribe", "-np", "2", sys.executable, script]
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "mpirun"])
+def test_eval_sharded_matches_single_process(e2e, launcher):
+    out = e2e["root"] / f"sharded-{launcher}"
+    cmd = [*launcher_cmd(launcher, os.path.join(REPO, "launch", "evaluate.py")), *EVAL_ARGS,
+           "--data", e2e["data"], "--adapter", e2e["adapter"], "--out", str(out), "--batch_size", "2"]
     run_command(cmd, timeout=300)
     single = (e2e["out"] / "generations.jsonl").read_bytes()
     assert (out / "generations.jsonl").read_bytes() == single
