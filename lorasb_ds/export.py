@@ -38,6 +38,7 @@ from safetensors.torch import save_file
 
 from .config import ConfigError
 from .init import INIT_FORMAT
+from .zero3_loading import INDEX_FILE, SINGLE_FILE, safetensors_files
 
 ADAPTER_FORMAT = "lorasb-adapter-v1"
 ADAPTER_FILE_NAME = "lorasb_adapter.safetensors"
@@ -45,8 +46,6 @@ INIT_FILE_NAME = "lorasb_init.safetensors"
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_CONFIG_NAME = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."  # PeftModel -> LoraModel -> the causal LM
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_WEIGHTS_NAME = "model.safetensors"
 
 Adapter = dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 """{module name: (B (out x r), A (r x in), R (r x r))}, CPU fp32, as trained (LoRA-SB: R trained)."""
@@ -301,15 +300,11 @@ def _check_out_dir(base_model_dir: str, out_dir: str) -> None:
 
 def list_shards(base_model_dir: str) -> list[str]:
     """File names of the safetensors shards: those of the index, else the single ``model.safetensors``."""
-    index_path = os.path.join(base_model_dir, INDEX_NAME)
-    if os.path.isfile(index_path):
-        with open(index_path) as f:
-            weight_map = json.load(f).get("weight_map", {})
-        return sorted(set(weight_map.values()))
-    if os.path.isfile(os.path.join(base_model_dir, SINGLE_WEIGHTS_NAME)):
-        return [SINGLE_WEIGHTS_NAME]
-    raise ConfigError(f"--base_model {base_model_dir}: neither {INDEX_NAME} nor {SINGLE_WEIGHTS_NAME} found; "
-                      "re-save the model with save_pretrained (safetensors) first")
+    files = safetensors_files(base_model_dir)
+    if files is None:
+        raise ConfigError(f"--base_model {base_model_dir}: neither {INDEX_FILE} nor {SINGLE_FILE} found; "
+                          "re-save the model with save_pretrained (safetensors) first")
+    return files
 
 
 def locate_targets(base_model_dir: str, shards: list[str], adapter: Adapter,

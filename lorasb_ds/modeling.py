@@ -1,9 +1,12 @@
 """Model and tokenizer loading.
 
-* A named or local model goes through ``AutoModelForCausalLM.from_pretrained``. Under ZeRO-3 an
-  ``HfDeepSpeedConfig`` is kept alive while it loads, so transformers builds the model inside
-  ``deepspeed.zero.Init`` and every rank holds only its shard of each weight: no rank ever has a
-  full copy of the model in host memory.
+* A named or local model: without ZeRO-3, ``AutoModelForCausalLM.from_pretrained``. Under ZeRO-3,
+  ``zero3_loading.load_partitioned``: the model is built partitioned inside ``deepspeed.zero.Init``
+  and each rank reads from the safetensors files only the slice of each weight that it holds, so no
+  rank ever has a full copy of the model in host memory. Checkpoints that loader cannot read (no
+  safetensors files, a class ``from_config`` cannot build, NVMe / hpZ / quantized ZeRO settings) go
+  through ``from_pretrained`` with an ``HfDeepSpeedConfig`` alive, with a warning: the result is
+  partitioned too, but every rank reads whole checkpoint shards on the way.
 * With no model named, a built-in tiny Llama (0.62M parameters, fixed seed; for ``model.task:
   seq_cls`` a tiny RoBERTa encoder with a classification head) and a character tokenizer are built
   from code, so the whole pipeline runs on any machine with no download. It is built unpartitioned
@@ -16,11 +19,12 @@ import os
 import string
 
 import torch
-from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, LlamaConfig,
-                          LlamaForCausalLM, PreTrainedTokenizerFast, RobertaConfig,
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
+                          LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, RobertaConfig,
                           RobertaForSequenceClassification)
 
 from .config import ConfigError, ModelConfig
+from .zero3_loading import INDEX_FILE, SINGLE_FILE, CannotBuild, load_partitioned, unsupported_reason
 
 TINY_SEED = 1234
 
@@ -127,14 +131,58 @@ def load_model(cfg: ModelConfig, ds_config: dict, dtype: torch.dtype,
     ``num_labels``: outputs of the classification head (``model.task: seq_cls``)."""
     if not cfg.name_or_path:
         return tiny_roberta(num_labels, dtype) if cfg.task == "seq_cls" else tiny_llama(dtype)
+    if cfg.task == "seq_cls":  # a pretrained encoder or decoder gets a fresh head; its LM head goes unused
+        return load_pretrained(AutoModelForSequenceClassification, cfg, ds_config, dtype,
+                               new=(r"^(classifier|score)\.",), unused=(r"^lm_head\.", r"\.pooler\."),
+                               **task_kwargs(cfg.task, num_labels))
+    return load_pretrained(AutoModelForCausalLM, cfg, ds_config, dtype)
+
+
+def load_pretrained(model_class, cfg: ModelConfig, ds_config: dict, dtype: torch.dtype,
+                    new: tuple[str, ...] = (), unused: tuple[str, ...] = (), **config_kwargs) -> torch.nn.Module:
+    """``model_class`` (an ``AutoModelFor...`` class) with the weights of ``cfg.name_or_path`` in ``dtype``.
+
+    Under ZeRO-3 each rank reads only its partition (``load_partitioned``; ``new`` / ``unused`` name
+    parameters absent from the checkpoint and checkpoint keys to skip, e.g. a fresh classification
+    head and an unused LM head), else see the module docstring. ``config_kwargs`` go to the config.
+    """
+    path, trust = cfg.name_or_path, cfg.trust_remote_code
+    zero3 = ds_config.get("zero_optimization", {}).get("stage", 0) == 3
+    if zero3:
+        reason = unsupported_reason(ds_config)
+        model_dir = None if reason else safetensors_dir(path)
+        if model_dir is None and reason is None:
+            reason = (f"no {SINGLE_FILE} or {INDEX_FILE}; convert the checkpoint once with "
+                      "from_pretrained(...).save_pretrained(...) to load it partitioned")
+        if reason is None:
+            config = AutoConfig.from_pretrained(path, trust_remote_code=trust, **config_kwargs)
+            try:
+                return load_partitioned(
+                    model_dir, lambda c: model_class.from_config(c, dtype=dtype, trust_remote_code=trust),
+                    config, ds_config, dtype, new, unused)
+            except CannotBuild as e:
+                reason = str(e)
+        if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+            print(f"[lorasb] warning: loading {path} with from_pretrained under ZeRO-3 ({reason}): every "
+                  "rank reads whole checkpoint shards into host memory before keeping its partition",
+                  flush=True)
     keep_alive = None
-    if ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
+    if zero3:
         from transformers.integrations import HfDeepSpeedConfig
 
         # transformers consults a global weak reference to this object inside from_pretrained.
         keep_alive = HfDeepSpeedConfig(ds_config)  # noqa: F841
-    model = auto_class(cfg.task).from_pretrained(
-        cfg.name_or_path, dtype=dtype, trust_remote_code=cfg.trust_remote_code, **task_kwargs(cfg.task, num_labels)
-    )
+    model = model_class.from_pretrained(path, dtype=dtype, trust_remote_code=trust, **config_kwargs)
     del keep_alive
     return model
+
+
+def safetensors_dir(name_or_path: str) -> str | None:
+    """The local directory of the model's safetensors checkpoint, or None when it has none. A hub
+    name is fetched first (its JSON files and ``model*.safetensors`` only)."""
+    path = os.path.expanduser(name_or_path)
+    if not os.path.isdir(path):
+        from huggingface_hub import snapshot_download
+
+        path = snapshot_download(name_or_path, allow_patterns=["*.json", "model*.safetensors"])
+    return path if any(os.path.isfile(os.path.join(path, f)) for f in (SINGLE_FILE, INDEX_FILE)) else None

@@ -3,13 +3,15 @@
 torchrun (the reference), the deepspeed runner, mpirun (mpi4py discovery), and a real single-node
 Slurm running the project's own sbatch scripts unchanged: train_torchrun.sbatch, and
 train_srun.sbatch preempted by the USR1 Slurm sends before a time limit (checkpoint, exit 75,
-requeue, resume). A rank that fails ends the job promptly under torchrun, deepspeed and mpirun.
+requeue, resume). A rank that fails ends the job promptly under torchrun, deepspeed and mpirun, and
+a rank killed mid-training ends the job of train_srun.sbatch.
 """
 
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -293,3 +295,55 @@ def test_slurm_srun_sbatch_preempted_requeued_and_resumed(slurm, reference, tmp_
     assert 1 <= inits[1]["start_step"] < 3
     check_run(out, log, "srun")
     assert_same_adapter(out, reference, "slurm srun (preempted, requeued, resumed)")
+
+
+def task_pid(job_name: str, procid: int) -> int | None:
+    """The training process of task ``procid`` of a running job (found by its environment)."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                environ = f.read().split(b"\0")
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if (f"SLURM_JOB_NAME={job_name}".encode() in environ and f"SLURM_PROCID={procid}".encode() in environ
+                and argv[1:2] == [b"launch/train.py"]):
+            return int(pid)
+    return None
+
+
+def test_slurm_a_rank_killed_mid_training_ends_the_job(slurm, tmp_path):
+    """Rank 1 is killed (SIGKILL, as the OOM killer does) while training: srun's --kill-on-bad-exit
+    ends rank 0, which would otherwise wait in a collective for DIST_TIMEOUT_MINUTES; the job fails
+    at once with the step's exit code and is not requeued."""
+    out, name = tmp_path / "run", f"lorasb-test-kill-{uuid.uuid4().hex[:8]}"
+    proc = sbatch("slurm/train_srun.sbatch", name, tmp_path, options=["--ntasks-per-node=2"],
+                  OUTPUT_DIR=str(out), DIST_TIMEOUT_MINUTES="10",
+                  EXTRA_ARGS="data.builtin_size=200 lorasb.est_samples=6 train.epochs=1000")  # ~25k steps
+    metrics_file, deadline = out / "metrics.jsonl", time.time() + TIMEOUT
+    while not (metrics_file.exists() and '"step"' in metrics_file.read_text()):  # training has begun
+        if proc.poll() is not None or time.time() > deadline:
+            subprocess.run(["scancel", "--name", name])
+            pytest.fail(f"the job ended (or never trained) before rank 1 could be killed:\n"
+                        f"{job_log(tmp_path, name)[-6000:]}")
+        time.sleep(0.2)
+    pid = task_pid(name, 1)
+    assert pid is not None, "rank 1's process not found"
+    os.kill(pid, signal.SIGKILL)
+    killed = time.time()
+    try:
+        proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        subprocess.run(["scancel", "--name", name])
+        proc.kill()
+        pytest.fail(f"the job did not end after rank 1 was killed:\n{job_log(tmp_path, name)[-6000:]}")
+    ended_after = time.time() - killed
+    log = job_log(tmp_path, name)
+    print(f"\njob ended {ended_after:.1f}s after rank 1 was killed, sbatch --wait exit {proc.returncode}:\n"
+          + "\n".join(line for line in log.splitlines() if line.startswith(("[slurm]", "srun:"))))
+    assert proc.returncode != 0, log[-6000:]
+    assert ended_after < 120, log[-6000:]  # the collective timeout is 10 minutes
+    assert re.search(r"srun: error: .*task 1: Killed", log), log[-6000:]
+    assert re.search(r"step ended with exit code [1-9]", log) and "requeueing" not in log, log[-6000:]
+    assert not (out / ADAPTER).exists()
