@@ -464,6 +464,15 @@ def dry_run(p: Prepared) -> dict:
     from .plan import format_plan, plan_memory
 
     cfg, layout = p.cfg, p.layout
+    summary = {"dry_run": True, "method": cfg.lorasb.method, "world_size": layout.world_size,
+               "micro_batch": layout.micro_batch, "grad_accum": layout.grad_accum,
+               "global_batch": layout.global_batch, "samples": len(p.examples), "truncated": p.truncated,
+               "steps": p.plan.total_steps, "warmup_steps": p.plan.warmup_steps, "lr_eff": p.plan.lr_eff,
+               "init_file": cfg.train.init_file, "resume_from": p.resume_from}
+    print(json.dumps(summary, indent=2))
+    if cfg.lorasb.method != "lorasb":
+        print(f"[lorasb] the memory plan models lorasb.method=lorasb only; not printed for {cfg.lorasb.method}")
+        return summary
     zero = p.ds_config.get("zero_optimization", {})
     buckets = {k: zero[k] for k in ("reduce_bucket_size", "prefetch_bucket_size") if k in zero}
     if "stage3_prefetch_bucket_size" in zero:
@@ -472,12 +481,6 @@ def dry_run(p: Prepared) -> dict:
                              layout.micro_batch, cfg.data.max_length, precision(p.ds_config),
                              bool(zero.get("offload_param")), cfg.model.gradient_checkpointing,
                              cfg.lorasb.est_micro_batch, **buckets)
-    summary = {"dry_run": True, "world_size": layout.world_size, "micro_batch": layout.micro_batch,
-               "grad_accum": layout.grad_accum, "global_batch": layout.global_batch,
-               "samples": len(p.examples), "truncated": p.truncated, "steps": p.plan.total_steps,
-               "warmup_steps": p.plan.warmup_steps, "lr_eff": p.plan.lr_eff,
-               "init_file": cfg.train.init_file, "resume_from": p.resume_from}
-    print(json.dumps(summary, indent=2))
     print(format_plan(layer_plan))
     return summary
 
