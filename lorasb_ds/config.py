@@ -122,8 +122,6 @@ class DataConfig:
         ``.``, ``/`` or ``~`` and not ending in a data-file extension (``data/train.jsonl`` that is
         missing is "no such file", never a hub lookup).
         """
-        import re
-
         if not self.path:
             return "builtin"
         expanded = os.path.expanduser(self.path)
@@ -131,14 +129,23 @@ class DataConfig:
             return "file"
         if os.path.isdir(expanded):
             return "dir"
-        data_suffixes = (".json", ".jsonl", ".parquet", ".csv", ".tsv", ".txt", ".arrow", ".gz", ".zip",
-                         ".bz2", ".xz", ".zst")
-        hub_name = re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?", self.path)
-        if (hub_name is None or self.path.startswith((".", "/", "~"))
-                or self.path.lower().endswith(data_suffixes)):
+        if not could_be_hub_name(self.path):
             raise ConfigError(f"data.path: no such file or directory '{self.path}' (a hub dataset is "
                               "named like owner/name, e.g. meta-math/MetaMathQA)")
         return "hub"
+
+
+def could_be_hub_name(path: str) -> bool:
+    """Whether a path that exists nowhere locally may be read as a hub repository name: ``name`` or
+    ``owner/name`` of letters, digits, ``-``, ``_``, ``.``, not starting with ``.``, ``/`` or ``~`` and
+    not ending in a data-file extension (a missing ``data/train.jsonl`` is "no such file", never a
+    hub lookup)."""
+    import re
+
+    data_suffixes = (".json", ".jsonl", ".parquet", ".csv", ".tsv", ".txt", ".arrow", ".gz", ".zip",
+                     ".bz2", ".xz", ".zst")
+    return (re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?", path) is not None
+            and not path.lower().endswith(data_suffixes))
 
 
 @dataclass

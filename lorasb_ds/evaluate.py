@@ -84,7 +84,7 @@ from fractions import Fraction
 import torch
 
 from . import glue
-from .config import ConfigError
+from .config import ConfigError, could_be_hub_name
 from .data import alpaca_prompt, format_prompt
 
 TASKS = ("gsm8k", "math", "commonsense", "glue")
@@ -478,10 +478,8 @@ def check_settings(s: EvalSettings) -> None:
         raise ConfigError("--device cuda but no CUDA device is visible; use --device cpu")
     if s.dist_timeout_minutes <= 0:
         raise ConfigError(f"--dist_timeout_minutes must be positive, got {s.dist_timeout_minutes}")
-    if s.model and not os.path.isdir(os.path.expanduser(s.model)):
-        looks_local = s.model.startswith((".", "/", "~")) or s.model.count("/") > 1
-        if looks_local:
-            raise ConfigError(f"--model: no such directory '{s.model}'")
+    if s.model and not os.path.isdir(os.path.expanduser(s.model)) and not could_be_hub_name(s.model):
+        raise ConfigError(f"--model: no such directory '{s.model}'")
     if not os.path.isdir(s.adapter):
         raise ConfigError(f"--adapter: no such directory '{s.adapter}'; pass the adapter/ directory "
                           "written by `lorasb train`")

@@ -23,7 +23,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequence
                           LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, RobertaConfig,
                           RobertaForSequenceClassification)
 
-from .config import ConfigError, ModelConfig
+from .config import ConfigError, ModelConfig, could_be_hub_name
 from .zero3_loading import INDEX_FILE, SINGLE_FILE, CannotBuild, load_partitioned, unsupported_reason
 
 TINY_SEED = 1234
@@ -119,9 +119,9 @@ def load_tokenizer(cfg: ModelConfig):
 def check_model_source(cfg: ModelConfig) -> None:
     """A local-looking path that does not exist is a clear error, not a hub lookup."""
     p = cfg.name_or_path
-    looks_local = p and (p.startswith((".", "/", "~")) or p.count("/") > 1)
-    if looks_local and not os.path.isdir(os.path.expanduser(p)):
-        raise ConfigError(f"model.name_or_path: no such directory '{p}'")
+    if p and not os.path.isdir(os.path.expanduser(p)) and not could_be_hub_name(p):
+        raise ConfigError(f"model.name_or_path: no such directory '{p}' (a hub model is named like "
+                          "owner/name, e.g. meta-llama/Llama-3.2-3B)")
 
 
 def load_model(cfg: ModelConfig, ds_config: dict, dtype: torch.dtype,
