@@ -138,16 +138,19 @@ class EstimationStats:
 
 def estimate_gradients(model: torch.nn.Module, layers: dict[str, LoRASBLinear],
                        batches: list[tuple[dict[str, torch.Tensor], float]], owners: dict[str, int],
-                       device: torch.device) -> tuple[dict[str, torch.Tensor], EstimationStats]:
+                       device: torch.device, reducer: OwnerReducer | None = None
+                       ) -> tuple[dict[str, torch.Tensor], EstimationStats]:
     """Sum of weight gradients, reduced to owners. Runs on every rank; collective.
 
     ``batches``: this rank's micro-batches as ``(batch, weight)``; the loss of each is multiplied by
     its weight (``1 / real micro-batches`` overall, 0 for a padding pass). Every rank must pass the
     same number. ``model`` is the (ZeRO-3 hooked) module of an initialized engine.
     Returns ``{name: G}`` (out x in, fp32) for the modules this rank owns.
+    ``reducer``: where the local gradients go; default ``OwnerReducer(layers, owners, ...)`` (another
+    strategy with the same ``sink_for``/``drain``/``grads`` can be compared against it).
     """
     rank = dist.get_rank()
-    reducer = OwnerReducer(layers, owners, rank, device)
+    reducer = reducer or OwnerReducer(layers, owners, rank, device)
     for name, layer in layers.items():
         sink = reducer.sink_for(name)
         layer.probe = lambda y, x, _layer, sink=sink: _WeightGradTap.apply(y, x, sink)
