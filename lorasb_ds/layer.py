@@ -26,10 +26,15 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 
 class LoRASBLinear(nn.Module):
     """``y = base(x) + B (R (A dropout(x)))`` for x of shape (..., in); y is (..., out).
+
+    Forward is three matmuls on (tokens, features) views, the last one accumulating into the base
+    output. Backward computes gradients only for the trainable factors (R for LoRA-SB): the frozen
+    ones are buffers, so autograd does no work for them.
 
     ``probe`` is a callable set only during the estimation pass (see ``estimate.py``): the adapter
     path is skipped and ``probe(y, x, self)`` may attach a gradient tap to the base output.
@@ -50,16 +55,23 @@ class LoRASBLinear(nn.Module):
                 setattr(self, f"lora_{part}", nn.Parameter(value))
             else:
                 self.register_buffer(f"lora_{part}", value, persistent=False)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = dropout  # functional, so no extra module for ZeRO-3 to hook and call per step
         self.probe = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
         if self.probe is not None:
-            return self.probe(y, x, self)
-        h = self.dropout(x).to(self.lora_A.dtype) @ self.lora_A.T  # (..., r)
-        h = h @ self.lora_R.T  # (..., r)
-        return y + (h @ self.lora_B.T).to(y.dtype)  # (..., out)
+            return self.probe(self.base(x), x, self)
+        lead = x.shape[:-1]
+        x = x.reshape(-1, x.shape[-1])  # (tokens, in): each product below is one 2-D matmul
+        y = self.base(x)  # (tokens, out)
+        if self.dropout > 0:
+            x = F.dropout(x, self.dropout, self.training)
+        h = (x.to(self.lora_A.dtype) @ self.lora_A.T) @ self.lora_R.T  # (tokens, r)
+        if h.dtype == y.dtype:
+            y = y.addmm_(h, self.lora_B.T)  # y += h B^T inside the matmul: no (tokens, out) temporary
+        else:
+            y = y + (h @ self.lora_B.T).to(y.dtype)
+        return y.view(*lead, y.shape[-1])  # (..., out)
 
     def delta_weight(self, R: torch.Tensor | None = None) -> torch.Tensor:
         """``s * B R A`` (out x in), the adapter as a dense weight update; R defaults to this module's."""
@@ -68,7 +80,8 @@ class LoRASBLinear(nn.Module):
         return self.lora_B.to(dtype) @ R.to(dtype) @ self.lora_A.to(dtype)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}"
+                + (f", dropout={self.dropout}" if self.dropout > 0 else ""))
 
 
 def shape_of(linear: nn.Linear) -> tuple[int, int]:
