@@ -7,10 +7,11 @@
   safetensors files, a class ``from_config`` cannot build, NVMe / hpZ / quantized ZeRO settings) go
   through ``from_pretrained`` with an ``HfDeepSpeedConfig`` alive, with a warning: the result is
   partitioned too, but every rank reads whole checkpoint shards on the way.
-* With no model named, a built-in tiny Llama (0.62M parameters, fixed seed; for ``model.task:
-  seq_cls`` a tiny RoBERTa encoder with a classification head) and a character tokenizer are built
-  from code, so the whole pipeline runs on any machine with no download. It is built unpartitioned
-  (it is tiny) and partitioned by ``deepspeed.initialize``.
+* With no model named, the built-in tiny Llama: 0.82M parameters pretrained on synthetic arithmetic
+  text, shipped in ``lorasb_ds/assets/tiny-llama`` (for ``model.task: seq_cls`` a tiny RoBERTa encoder
+  with a classification head, built from code with a fixed seed), and a character tokenizer, so the
+  whole pipeline runs on any machine with no download. It is built unpartitioned (it is tiny) and
+  partitioned by ``deepspeed.initialize``.
 """
 
 from __future__ import annotations
@@ -47,28 +48,25 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def tiny_llama_config(vocab_size: int = 128) -> LlamaConfig:
-    """4 layers, hidden 128, 4 query / 2 key-value heads (k/v projections are 64 wide)."""
-    return LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-        tie_word_embeddings=False,
-    )
+# The built-in causal LM: a small Llama pretrained by ``bench/pretrain.py`` on a synthetic corpus of
+# equations, number facts and stories, shipped with the package (config.json, model.safetensors,
+# tokenizer files, pretrain.json: the recipe and loss curve; README.md: what it knows).
+TINY_LLAMA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny-llama")
+
+
+def tiny_llama_config() -> LlamaConfig:
+    """The shipped model's shape: 4 layers, hidden 128, MLP 384, 4 query / 2 key-value heads (k/v
+    projections are 64 wide), 128 character tokens."""
+    return LlamaConfig.from_pretrained(TINY_LLAMA_DIR)
 
 
 def tiny_llama(dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
-    """The built-in default model: same weights on every rank and every run (seeded)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(TINY_SEED)
+    """The built-in default model (0.82M parameters), the same weights on every rank and every run."""
+    from safetensors.torch import load_file
+
+    with torch.random.fork_rng(devices=[]):  # the random init, overwritten below, leaves the caller's RNG alone
         model = LlamaForCausalLM(tiny_llama_config())
+    model.load_state_dict(load_file(os.path.join(TINY_LLAMA_DIR, "model.safetensors")), strict=True)
     return model.to(dtype)
 
 
