@@ -1,7 +1,7 @@
-"""Pretrain the small Llama shipped in ``models/tiny-arith``: a character-level model that knows
-arithmetic, so that fine-tuning it on word problems starts from a model that knows something.
+"""Pretrain the built-in model shipped in ``lorasb_ds/assets/tiny-llama``: a character-level Llama that
+knows arithmetic, so that fine-tuning it on word problems starts from a model that knows something.
 
-    python bench/pretrain.py --out models/tiny-arith            (defaults: the shipped checkpoint)
+    python bench/pretrain.py --out lorasb_ds/assets/tiny-llama      (defaults: the shipped checkpoint)
 
 The corpus is generated here (seeded, deterministic) and teaches the character language and
 arithmetic in forms *other* than the fine-tuning task (``lorasb_ds.data.synthetic_math_rows``:
@@ -174,10 +174,10 @@ def encode_stream(lines: list[str], tokenizer) -> tuple[torch.Tensor, torch.Tens
     return torch.tensor(ids, dtype=torch.long), torch.tensor(starts, dtype=torch.long)
 
 
-def pretrain(out: str, steps: int = 2000, batch_size: int = 8, seq_len: int = 256, lr: float = 3e-3,
+def pretrain(out: str, steps: int = 3000, batch_size: int = 8, seq_len: int = 256, lr: float = 3e-3,
              warmup: int = 100, weight_decay: float = 0.1, seed: int = 0, corpus_size: int = 300_000,
              hidden: int = 128, layers: int = 4, intermediate: int = 384, heads: int = 4, kv_heads: int = 2,
-             threads: int = 1, log_every: int = 100, device: str = "cpu", log=print) -> dict:
+             threads: int = 2, log_every: int = 100, device: str = "cpu", log=lambda m: print(m, flush=True)) -> dict:
     """Pretrain, save to ``out``, and return a summary (also written to ``out/pretrain.json``)."""
     from transformers import LlamaForCausalLM
 

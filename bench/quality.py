@@ -6,19 +6,18 @@ product's own command line on a small pretrained model.
 
 What it does:
 
-1. **Model**: ``models/tiny-arith`` (a small Llama pretrained on equations, number facts and short
-   stories by ``bench/pretrain.py``), or with ``--pretrain_steps N`` a model pretrained anew for N steps
-   into ``WORKDIR/model``.
+1. **Model**: the built-in ``lorasb_ds/assets/tiny-llama`` (a small Llama pretrained on equations,
+   number facts and short stories by ``bench/pretrain.py``), or with ``--pretrain_steps N`` a model
+   pretrained anew for N steps into ``WORKDIR/model``.
 2. **Data**: fine-tuning on the built-in synthetic word problems, ``synthetic_math_rows(train_rows,
-   train.seed)`` (Alpaca prompt, "... The answer is: N"). By default (``--data cue``) they are written
-   to a metamath-format file in which every response starts with "Let's think step by step.", the cue
-   that ``lorasb eval`` puts after "### Response:" (without it the models take the cue's final period
-   for the end of the working and answer at once); ``--data builtin`` trains on the rows as they are
-   (``data.path`` empty). A held-out test set in GSM8K format (``question``, ``answer`` ending
+   train.seed)`` (Alpaca prompt, two steps, "... The answer is: N"), written to a metamath-format file
+   in which every response starts with "Let's think step by step.", the cue that ``lorasb eval`` puts
+   after "### Response:" (without it the models take the cue's final period for the end of the working
+   and answer at once). A held-out test set in GSM8K format (``question``, ``answer`` ending
    ``#### N``) is written from the same generator with another seed, leaving out any question that is
    also in a training set of the study.
 3. **Training**: every method through ``launch/train.py`` under ``torch.distributed.run`` with
-   ``--nproc`` processes and ``ds_configs/zero3.json``, with ``configs/tiny-arith.yaml`` and overrides
+   ``--nproc`` processes and ``ds_configs/zero3.json``, with ``bench/quality.yaml`` and overrides
    (``lorasb.method``, ``lorasb.r``, ``train.lr``, ``train.seed``, ``train.max_steps``), all methods for
    the same number of optimizer steps. With more than one lr for a method, each is trained on the first
    seed and the lr with the lowest final loss is kept (the test set plays no part in the choice); the
@@ -49,13 +48,15 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from lorasb_ds.modeling import TINY_LLAMA_DIR  # noqa: E402
+
 METHODS = ("lorasb", "loraxs", "lora", "full")
 # The learning rates the default run uses: the best of the sweep of ``--full`` (bench/README.md).
-DEFAULT_LR = {"lorasb": 1e-2, "loraxs": 1e-2, "lora": 1e-2, "full": 3e-3}
+DEFAULT_LR = {"lorasb": 2e-2, "loraxs": 1e-2, "lora": 1e-2, "full": 1e-3}
 # The sweep of ``--full``.
-SWEEP_LR = {"lorasb": [5e-3, 1e-2, 2e-2], "loraxs": [5e-3, 1e-2, 2e-2], "lora": [2e-3, 5e-3, 1e-2],
+SWEEP_LR = {"lorasb": [5e-3, 1e-2, 2e-2], "loraxs": [5e-3, 1e-2, 2e-2], "lora": [5e-3, 1e-2, 2e-2],
             "full": [3e-4, 1e-3, 3e-3]}
-RUN_CONFIG = os.path.join(REPO, "configs", "tiny-arith.yaml")
+RUN_CONFIG = os.path.join(REPO, "bench", "quality.yaml")
 DS_CONFIG = os.path.join(REPO, "ds_configs", "zero3.json")
 
 
@@ -83,8 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--full", action="store_true",
                    help="the whole study: the lr sweep of every method (SWEEP_LR) and seeds 1,2,3, unless "
                         "--lr / --seeds say otherwise")
-    p.add_argument("--model", default=os.path.join(REPO, "models", "tiny-arith"),
-                   help="pretrained model directory (default: the shipped models/tiny-arith)")
+    p.add_argument("--model", default=TINY_LLAMA_DIR,
+                   help="pretrained model directory (default: the built-in lorasb_ds/assets/tiny-llama)")
     p.add_argument("--pretrain_steps", type=int, default=0,
                    help="pretrain a model anew for this many steps (bench/pretrain.py, its other defaults) "
                         "into WORKDIR/model and use it instead of --model")
@@ -92,12 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", action="append", default=[], metavar="METHOD=LR[,LR...]",
                    help="learning rates of a method; several: a sweep on the first seed (repeatable)")
     p.add_argument("--seeds", default=None, help="comma-separated train.seed values (default: 1; --full: 1,2,3)")
-    p.add_argument("--steps", type=int, default=40, help="optimizer steps of every run (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=100, help="optimizer steps of every run (default: %(default)s)")
     p.add_argument("--train_rows", type=int, default=2000, help="training problems per seed (default: %(default)s)")
-    p.add_argument("--data", choices=("cue", "builtin"), default="cue",
-                   help="cue: the built-in problems written to a file with every response starting with the "
-                        "evaluation's cue \"Let's think step by step.\" (default); builtin: the built-in rows as "
-                        "they are (data.path empty)")
     p.add_argument("--r", type=int, default=32, help="rank of LoRA-SB and LoRA-XS (default: %(default)s)")
     p.add_argument("--lora_r", type=int, default=8, help="rank of LoRA (default: %(default)s)")
     p.add_argument("--est_samples", type=int, default=None,
@@ -115,7 +112,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # --------------------------------------------------------------------------- data
-
 
 def test_rows(n: int, seed: int, train_rows: int, train_seeds: list[int]) -> tuple[list[dict], int]:
     """``n`` GSM8K-style rows (``question``, ``answer`` ending ``#### N``) from the synthetic generator
@@ -175,19 +171,19 @@ def tail(path: str, n: int = 30) -> str:
 # --------------------------------------------------------------------------- one run
 
 
-COT_CUE = "Let's think step by step."  # what `lorasb eval` puts after "### Response:" (evaluate.COT_CUE)
-
-
 def training_file(seed: int, args) -> str:
     """The training rows of ``seed`` (``synthetic_math_rows(train_rows, seed)``, the rows the built-in data
-    would give) as a metamath-format file, each response starting with the evaluation's cue."""
+    would give) as a metamath-format file, each response starting with
+    the cue that ``lorasb eval`` puts after "### Response:" (without it in training, a model takes the
+    cue's final period for the end of its working and answers at once)."""
     from lorasb_ds.data import synthetic_math_rows
+    from lorasb_ds.evaluate import COT_CUE
 
     path = os.path.join(args.workdir, "data", f"train_seed{seed}.jsonl")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         for row in synthetic_math_rows(args.train_rows, seed):
-            f.write(json.dumps({"query": row["query"], "response": f"{COT_CUE} {row['response']}"}) + "\n")
+            f.write(json.dumps({"query": row["query"], "response": f"{COT_CUE.strip()} {row['response']}"}) + "\n")
     return rel(path)
 
 
@@ -199,10 +195,7 @@ def train(method: str, lr: float, seed: int, model: str, args) -> dict:
     out = rel(os.path.join(args.workdir, "runs", f"{method}_lr{lr:g}_seed{seed}"))
     overrides = [f"model.name_or_path={model}", f"lorasb.method={method}", f"lorasb.r={rank_of(method, args)}",
                  f"train.lr={lr:g}", f"train.seed={seed}", f"train.max_steps={args.steps}"]
-    if args.data == "cue":
-        overrides.append(f"data.path={training_file(seed, args)}")
-    else:
-        overrides.append(f"data.builtin_size={args.train_rows}")
+    overrides.append(f"data.path={training_file(seed, args)}")
     if args.est_samples:
         overrides.append(f"lorasb.est_samples={args.est_samples}")
     os.makedirs(os.path.join(args.workdir, "logs"), exist_ok=True)

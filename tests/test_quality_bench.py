@@ -1,5 +1,5 @@
 """The quality study (bench/quality.py, bench/plot.py) end to end at toy size, and the shipped
-pretrained model (models/tiny-arith)."""
+pretrained built-in model (lorasb_ds/assets/tiny-llama)."""
 
 import json
 import os
@@ -10,7 +10,7 @@ import torch
 
 from conftest import REPO, run_command
 
-MODEL = os.path.join(REPO, "models", "tiny-arith")
+from lorasb_ds.modeling import TINY_LLAMA_DIR as MODEL
 
 
 @pytest.mark.slow
