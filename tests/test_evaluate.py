@@ -269,7 +269,7 @@ def test_eval_outputs(e2e):
                              gold_value=ev.parse_number(row["gold"]))
         scored = {k: row[k] for k in keys if k.startswith(("prediction", "correct"))}
         assert ev.score("gsm8k", row["generation"], example) == scored
-    assert len({r["generation"] for r in rows}) > 1  # the model produced text, not all alike
+    assert all(r["generation"].strip() for r in rows)  # the model produced text for every prompt
 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["task"] == "gsm8k" and summary["rows"] == 6
