@@ -329,12 +329,7 @@ def highest(runs: list[dict], key: str) -> list[float]:
 
 def machine_line(args) -> str:
     """CPU, cores, GPU, load average, library versions and the rank layout, for the head of a table."""
-    cpu, gpu = platform.machine(), ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu, gpu = cpu_name(), ""
     if args.device == "cuda":  # from nvidia-smi: the driver itself never touches CUDA
         try:
             names = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], text=True,
@@ -351,6 +346,15 @@ def machine_line(args) -> str:
     return (f"machine: {cpu}, {os.cpu_count()} cores{', GPU ' + gpu if gpu else ''}, {load_line()} | "
             f"python {platform.python_version()}, {', '.join(versions)} | {args.nproc} rank(s), {args.device}, "
             f"{args.dtype}")
+
+
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo (the architecture where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.machine()
 
 
 def load_line() -> str:

@@ -29,13 +29,6 @@ def mean_curve(curves: list[list[list[float]]]) -> tuple[list[int], list[float],
     return steps, [sum(v) / len(v) for v in values], [min(v) for v in values], [max(v) for v in values]
 
 
-def read_energies(path: str) -> dict[str, float]:
-    from safetensors import safe_open
-
-    with safe_open(path, framework="pt") as f:
-        return json.loads(f.metadata()["lorasb"])["energy"]
-
-
 def plot(data: dict, energies: dict[str, float] | None, out: str, source: str = "") -> str:
     import matplotlib
 
@@ -109,7 +102,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     data = json.load(open(args.json))
     if args.init:
-        energies, source = read_energies(args.init), os.path.basename(os.path.dirname(os.path.abspath(args.init)))
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        from lorasb_ds.init import read_init_metadata
+
+        energies = read_init_metadata(args.init)["energy"]
+        source = os.path.basename(os.path.dirname(os.path.abspath(args.init)))
     else:
         runs = {r["output_dir"].rstrip("/").rsplit("/", 1)[-1]: r for r in data["runs"]}
         chosen = [runs[n] for res in data["results"] if res["method"] == "lorasb" for n in res["runs"] if n in runs]

@@ -37,17 +37,18 @@ import argparse
 import json
 import os
 import platform
-import re
 import shlex
-import socket
 import statistics
 import subprocess
 import sys
 import time
+from importlib.metadata import version
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+import common  # noqa: E402  (bench/common.py)
+from lorasb_ds.init import read_init_metadata  # noqa: E402
 from lorasb_ds.modeling import TINY_LLAMA_DIR  # noqa: E402
 
 METHODS = ("lorasb", "loraxs", "lora", "full")
@@ -136,16 +137,10 @@ def test_rows(n: int, seed: int, train_rows: int, train_seeds: list[int]) -> tup
 # --------------------------------------------------------------------------- processes
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(script: str, args: list[str], nproc: int, log_path: str) -> tuple[int, float, list[str]]:
     """``python -m torch.distributed.run --nproc_per_node N script args``; output to ``log_path``."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), script, *args]
+           "--master_addr", "127.0.0.1", "--master_port", str(common.free_port()), script, *args]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.setdefault("OMP_NUM_THREADS", "1")
@@ -221,18 +216,10 @@ def train(method: str, lr: float, seed: int, model: str, args) -> dict:
     run["trainable_parameters"] = summary["trainable_parameters"]
     run["status"] = "ok"
     if method == "lorasb":
-        run["energy"] = init_energies(os.path.join(REPO, out, "lorasb_init.safetensors"))
+        run["energy"] = read_init_metadata(os.path.join(REPO, out, "lorasb_init.safetensors"))["energy"]
     log(f"  {method} lr={lr:g} seed={seed}: final loss {run['final_loss']:.4f}, "
         f"{run['trainable_parameters']:,} trained, {seconds:.0f}s")
     return run
-
-
-def init_energies(path: str) -> dict[str, float]:
-    """Per-module captured energy of a LoRA-SB init file (its ``energy`` metadata)."""
-    from safetensors import safe_open
-
-    with safe_open(path, framework="pt") as f:
-        return json.loads(f.metadata()["lorasb"])["energy"]
 
 
 def evaluate(run: dict, model: str, test_path: str, args) -> None:
@@ -298,20 +285,11 @@ def sweep_table(sweeps: dict[str, list[dict]]) -> str:
 
 
 def machine() -> dict:
-    import deepspeed
     import torch
-    import transformers
 
-    cpu = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-            "torch": torch.__version__, "deepspeed": deepspeed.__version__, "transformers": transformers.__version__,
-            "accelerator": "cuda" if torch.cuda.is_available() else "cpu",
+    return {"cpu": common.cpu_name(), "cores": os.cpu_count(), "platform": platform.platform(),
+            "python": platform.python_version(), "torch": version("torch"), "deepspeed": version("deepspeed"),
+            "transformers": version("transformers"), "accelerator": "cuda" if torch.cuda.is_available() else "cpu",
             "date": time.strftime("%Y-%m-%d %H:%M %Z")}
 
 
