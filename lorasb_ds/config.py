@@ -109,8 +109,9 @@ class DataConfig:
     response_field: str = "response"
     """Response column of ``format: metamath``."""
     prompt_template: str = "alpaca"
-    """``alpaca`` (the MetaMathQA/GSM8K prompt) or ``plain`` (the query as is); ``format: metamath``
-    only, the other formats build their own prompt."""
+    """``alpaca`` (the MetaMathQA/GSM8K prompt), ``plain`` (the query and a newline) or ``chat`` (the query
+    as the user turn of the tokenizer's chat template); ``format: metamath`` only, the other formats build
+    their own prompt."""
     max_length: int = 512
     """Longest tokenized sample; longer ones are truncated and counted."""
 
@@ -325,8 +326,8 @@ def validate_run_config(cfg: RunConfig) -> None:
          f"data.glue_task applies to data.format=glue only; drop it or set data.format: glue"),
         (s.modules_to_save is None or all(m.strip() for m in s.modules_to_save),
          "lorasb.modules_to_save holds an empty name"),
-        (d.prompt_template in ("alpaca", "plain"),
-         f"data.prompt_template must be 'alpaca' or 'plain', got '{d.prompt_template}'"),
+        (d.prompt_template in ("alpaca", "plain", "chat"),
+         f"data.prompt_template must be 'alpaca', 'plain' or 'chat', got '{d.prompt_template}'"),
         (d.format == "metamath" or d.prompt_template == "alpaca",
          f"data.prompt_template={d.prompt_template} applies to data.format=metamath only; "
          f"data.format={d.format} builds its own prompt: drop the setting"),

@@ -8,7 +8,8 @@ The pipeline, in order:
    problems, so a run needs no download). Its columns are checked against ``data.format``.
 2. ``render_rows``: each row as prompt text and response text, as its format says:
 
-   * ``metamath``: ``query`` -> Alpaca prompt (or the plain query), ``response`` as is;
+   * ``metamath``: ``query`` -> Alpaca prompt (or the plain query, or the query as the user turn of the
+     tokenizer's chat template: ``data.prompt_template``), ``response`` as is;
    * ``alpaca``: ``instruction`` (+ ``input`` when not empty) -> Alpaca prompt, ``output``;
    * ``commonsense``: as ``alpaca``, and the gold ``answer`` (``answer1``, ``option2``, ``true``, ...)
      is kept for evaluation;
@@ -60,13 +61,31 @@ ALPACA_INPUT_TEMPLATE = (
 )
 
 
-def format_prompt(query: str, template: str) -> str:
-    """The text the model is conditioned on; the response follows it directly."""
+PROMPT_TEMPLATES = ("alpaca", "plain", "chat")
+
+
+def format_prompt(query: str, template: str, tokenizer=None) -> str:
+    """The text the model is conditioned on; the response follows it directly.
+
+    ``alpaca``: the Alpaca template; ``plain``: the query and a newline; ``chat``: the query as the one
+    user turn of ``tokenizer``'s chat template, with the assistant's header (the template writes the
+    special tokens). Training rows and ``lorasb eval`` prompts both come from here.
+    """
     if template == "alpaca":
         return ALPACA_TEMPLATE.format(query=query)
     if template == "plain":
         return query + "\n"
-    raise ConfigError(f"data.prompt_template must be 'alpaca' or 'plain', got '{template}'")
+    if template == "chat":
+        require_chat_template(tokenizer, "data.prompt_template=chat")
+        return tokenizer.apply_chat_template([{"role": "user", "content": query}], add_generation_prompt=True,
+                                             tokenize=False)
+    raise ConfigError(f"data.prompt_template must be one of {', '.join(PROMPT_TEMPLATES)}, got '{template}'")
+
+
+def template_writes_special_tokens(cfg: DataConfig) -> bool:
+    """Whether the prompt comes from a chat template, which writes bos and the turn tokens itself (so the
+    tokenizer must not add its own)."""
+    return cfg.format == "chat" or (cfg.format == "metamath" and cfg.prompt_template == "chat")
 
 
 def alpaca_prompt(instruction: str, input_text: str | None = None) -> str:
@@ -349,10 +368,21 @@ def _chat_template_of(tokenizer) -> str | None:
     return getattr(tokenizer, "chat_template", None) or None
 
 
+def require_chat_template(tokenizer, setting: str) -> None:
+    """A clear error when ``tokenizer`` has no chat template for ``setting`` to use."""
+    if tokenizer is None or _chat_template_of(tokenizer) is None:
+        name = getattr(tokenizer, "name_or_path", "") or "the built-in tiny tokenizer"
+        raise ConfigError(
+            f"{setting} needs a tokenizer with a chat template, and {name} has none "
+            "(tokenizer.chat_template is empty); use the tokenizer of a chat/instruct model "
+            "(model.name_or_path), or another prompt format"
+        )
+
+
 def render_rows(rows: datasets.Dataset, cfg: DataConfig, tokenizer=None) -> list[dict[str, str]]:
     """Each row as ``{"prompt", "response"}`` text (plus ``"answer"`` for ``commonsense``).
 
-    ``tokenizer`` is needed only by ``data.format=chat`` (for its chat template). Evaluation code can
+    ``tokenizer`` is needed only by a chat template (``data.format=chat``, ``data.prompt_template=chat``). Evaluation code can
     use the prompts as they are, and the commonsense answers as gold labels.
     """
     source = _source_name(cfg) if cfg.path else "the dataset"
@@ -364,7 +394,7 @@ def render_rows(rows: datasets.Dataset, cfg: DataConfig, tokenizer=None) -> list
         for i, (q, r) in enumerate(zip(queries, responses)):
             q = _text(q, i, cfg.query_field, source, "data.query_field")
             r = _text(r, i, cfg.response_field, source, "data.response_field")
-            out.append({"prompt": format_prompt(q, cfg.prompt_template), "response": r})
+            out.append({"prompt": format_prompt(q, cfg.prompt_template, tokenizer), "response": r})
     elif fmt in ("alpaca", "commonsense"):
         n = len(rows)
         setting = f"data.format={fmt}"
@@ -380,13 +410,7 @@ def render_rows(rows: datasets.Dataset, cfg: DataConfig, tokenizer=None) -> list
                 item["answer"] = _text(answers[i], i, "answer", source, setting)
             out.append(item)
     elif fmt == "chat":
-        if tokenizer is None or _chat_template_of(tokenizer) is None:
-            name = getattr(tokenizer, "name_or_path", "") or "the built-in tiny tokenizer"
-            raise ConfigError(
-                f"data.format=chat needs a tokenizer with a chat template, and {name} has none "
-                "(tokenizer.chat_template is empty); use the tokenizer of a chat/instruct model "
-                "(model.name_or_path), or convert the data to data.format=alpaca"
-            )
+        require_chat_template(tokenizer, "data.format=chat")
         for i, messages in enumerate(rows["messages"]):
             prompt, response = _render_chat(messages, i, tokenizer, source)
             out.append({"prompt": prompt, "response": response})
@@ -406,15 +430,15 @@ def tokenize_rows(rows: datasets.Dataset, tokenizer, cfg: DataConfig) -> tuple[l
     ``max_length`` has no label left to learn from (its loss would be 0/0); it is dropped, and
     counted among the truncated ones. ``commonsense`` examples also carry their gold ``"answer"``.
 
-    The prompt is tokenized with the tokenizer's special tokens (``<s>``/bos first), except for
-    ``chat``, whose template writes the special tokens itself.
+    The prompt is tokenized with the tokenizer's special tokens (``<s>``/bos first), except when a chat
+    template made it (``template_writes_special_tokens``): the template writes them itself.
     """
     if cfg.format == "glue":
         return tokenize_glue(rows, tokenizer, cfg)
     rendered = render_rows(rows, cfg, tokenizer)
     prompts = [item["prompt"] for item in rendered]
     responses = [item["response"] for item in rendered]
-    prompt_ids = tokenizer(prompts, add_special_tokens=cfg.format != "chat")["input_ids"]
+    prompt_ids = tokenizer(prompts, add_special_tokens=not template_writes_special_tokens(cfg))["input_ids"]
     response_ids = tokenizer(responses, add_special_tokens=False)["input_ids"]
 
     examples, truncated = [], 0

@@ -13,7 +13,8 @@ What it does, in order:
    answer, the adapter files, the output directory, the launch variables. A problem is a
    ``ConfigError`` (exit code 2) naming the file, column or row.
 2. **Model**: the base model (``AutoModelForCausalLM.from_pretrained(--model)``, or the built-in tiny
-   Llama when no model is given), with the adapter applied by ``export.apply_adapter``: every target
+   Llama when no model is given), with the adapter (when ``--adapter`` is given; without it the base
+   model is evaluated alone, e.g. zero-shot) applied by ``export.apply_adapter``: every target
    Linear wrapped in ``LoRASBLinear`` holding ``B``, ``A`` and the trained ``R``. Plain torch, no
    DeepSpeed: each rank holds the whole model on one device (``cuda:LOCAL_RANK`` when CUDA is
    available, else the CPU).
@@ -32,10 +33,14 @@ What it does, in order:
 
 Prompts
 -------
-The Alpaca template of training (``data.ALPACA_TEMPLATE``) with the query as instruction. For GSM8K
-and MATH the response header is followed by the reference's chain-of-thought cue, so the prompt ends
-``### Response: Let's think step by step.``; commonsense rows get exactly the prompt of training
-(``data.alpaca_prompt``: the ``### Input:`` section when ``input`` is not empty).
+``--prompt_template reference`` (the default): the Alpaca template of training
+(``data.ALPACA_TEMPLATE``) with the query as instruction. For GSM8K and MATH the response header is
+followed by the reference's chain-of-thought cue, so the prompt ends ``### Response: Let's think step
+by step.``; commonsense rows get exactly the prompt of training (``data.alpaca_prompt``: the
+``### Input:`` section when ``input`` is not empty). For GSM8K and MATH, ``--prompt_template
+alpaca|plain|chat`` gives instead exactly the prompt that training with that ``data.prompt_template``
+built for the same query (``data.format_prompt``; ``chat``: the model's chat template, which writes
+the special tokens itself).
 
 Data (local ``.json`` / ``.jsonl``, read with ``datasets``)
 -----------------------------------------------------------
@@ -58,8 +63,9 @@ rationals (``fractions.Fraction``), so ``3.50 == 3.5``, ``3/4 == 0.75``, ``1,234
 ``0.33 != 1/3``. Anything around a number (``$``, ``%``, a trailing period, units) is not part of it.
 A zero denominator leaves the numerator alone. Number words are not numbers.
 
-* GSM8K strict: the first number after the last ``The answer is:`` (any spacing around ``is`` and
-  ``:``; case as written); no marker or no number after it: no prediction, wrong.
+* GSM8K strict: the first number after the last final-answer marker, ``The answer is:`` (any spacing
+  around ``is`` and ``:``; case as written) or GSM8K's own ``####``, whichever comes last; no marker
+  or no number after it: no prediction, wrong.
 * MATH strict: the text after the last ``The answer is:`` up to the end of its line, with ``$``
   signs and a trailing period removed; correct when its normalized form equals the gold's
   (``normalize_math``) or both read as the same number (``math_value``: plain numbers, ``a/b``,
@@ -85,7 +91,7 @@ import torch
 
 from . import glue
 from .config import ConfigError, could_be_hub_name
-from .data import alpaca_prompt, format_prompt
+from .data import PROMPT_TEMPLATES, alpaca_prompt, format_prompt, require_chat_template
 
 TASKS = ("gsm8k", "math", "commonsense", "glue")
 GLUE_MAX_LENGTH = 512
@@ -106,6 +112,9 @@ _NUMBER = re.compile(
 )
 
 _ANSWER_MARKER = re.compile(r"The\s+answer\s+is\s*:")
+# GSM8K's final-answer markers: the reference's "The answer is:" and GSM8K's own "#### N", so a model
+# trained on either layout (MetaMathQA's, or openai/gsm8k's answers) is read by strict scoring.
+_GSM8K_MARKER = re.compile(r"The\s+answer\s+is\s*:|####")
 
 
 def _number_value(match: re.Match) -> Fraction:
@@ -145,17 +154,17 @@ def format_number(value: Fraction | None) -> str | None:
     return f"{value.numerator}/{value.denominator}"
 
 
-def text_after_answer_marker(generation: str) -> str | None:
-    """What follows the last ``The answer is:`` of the generation; None without one."""
+def text_after_answer_marker(generation: str, marker: re.Pattern = _ANSWER_MARKER) -> str | None:
+    """What follows the last ``marker`` (default ``The answer is:``) of the generation; None without one."""
     last = None
-    for last in _ANSWER_MARKER.finditer(generation):
+    for last in marker.finditer(generation):
         pass
     return None if last is None else generation[last.end():]
 
 
 def extract_strict(generation: str) -> Fraction | None:
-    """GSM8K strict: the first number after the last ``The answer is:``."""
-    rest = text_after_answer_marker(generation)
+    """GSM8K strict: the first number after the last final-answer marker, ``The answer is:`` or ``####``."""
+    rest = text_after_answer_marker(generation, _GSM8K_MARKER)
     if rest is None:
         return None
     match = _NUMBER.search(rest)
@@ -348,6 +357,15 @@ def score(task: str, generation: str, example: Example) -> dict:
             "correct_strict": bool(ok_strict), "correct_flexible": bool(ok_flexible)}
 
 
+EVAL_PROMPT_TEMPLATES = ("reference", *PROMPT_TEMPLATES)
+
+
+def eval_prompt(example: Example, template: str, tokenizer) -> str:
+    """The prompt generated from: the example's reference prompt, or the training prompt of its query
+    under ``data.prompt_template=template`` (GSM8K and MATH)."""
+    return example.prompt if template == "reference" else format_prompt(example.query, template, tokenizer)
+
+
 def math_prompt(query: str) -> str:
     """The Alpaca prompt with the reference's cue: ``... ### Response: Let's think step by step.``"""
     text = format_prompt(query, "alpaca")
@@ -443,7 +461,7 @@ def _glue_example(glue_task: str, index: int, row: dict) -> Example:
 class EvalSettings:
     task: str
     data: str
-    adapter: str
+    adapter: str | None  # None: the base model alone (a zero-shot baseline)
     out: str
     model: str | None = None
     glue_task: str | None = None
@@ -454,6 +472,7 @@ class EvalSettings:
     device: str = "auto"
     dist_timeout_minutes: float = 60.0
     trust_remote_code: bool = False
+    prompt_template: str = "reference"  # or a data.prompt_template: the training prompt of the same query
 
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -478,9 +497,15 @@ def check_settings(s: EvalSettings) -> None:
         raise ConfigError("--device cuda but no CUDA device is visible; use --device cpu")
     if s.dist_timeout_minutes <= 0:
         raise ConfigError(f"--dist_timeout_minutes must be positive, got {s.dist_timeout_minutes}")
+    if s.prompt_template not in EVAL_PROMPT_TEMPLATES:
+        raise ConfigError(f"--prompt_template must be one of {', '.join(EVAL_PROMPT_TEMPLATES)}, "
+                          f"got {s.prompt_template!r}")
+    if s.prompt_template != "reference" and s.task not in ("gsm8k", "math"):
+        raise ConfigError(f"--prompt_template {s.prompt_template} applies to --task gsm8k and math only; "
+                          f"--task {s.task} uses its training prompt as it is")
     if s.model and not os.path.isdir(os.path.expanduser(s.model)) and not could_be_hub_name(s.model):
         raise ConfigError(f"--model: no such directory '{s.model}'")
-    if not os.path.isdir(s.adapter):
+    if s.adapter is not None and not os.path.isdir(s.adapter):
         raise ConfigError(f"--adapter: no such directory '{s.adapter}'; pass the adapter/ directory "
                           "written by `lorasb train`")
     if os.path.exists(s.out) and not os.path.isdir(s.out):
@@ -507,19 +532,31 @@ def pick_dtype(s: EvalSettings, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+def load_tokenizer(s: EvalSettings):
+    """The tokenizer of ``--model`` (the built-in one without it)."""
+    from .modeling import tiny_tokenizer
+
+    if not s.model:
+        return tiny_tokenizer()
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(s.model, trust_remote_code=s.trust_remote_code)
+    except OSError as e:
+        raise ConfigError(f"--model {s.model}: cannot load its tokenizer ({e}); pass a local model directory") from None
+
+
 def load_model_and_tokenizer(s: EvalSettings, device: torch.device, dtype: torch.dtype):
     """The base model with the adapter applied (eval mode, on ``device``) and its tokenizer (left padding
     for generation, right padding for GLUE)."""
     from .export import apply_adapter
-    from .modeling import auto_class, task_kwargs, tiny_llama, tiny_roberta, tiny_tokenizer
+    from .modeling import auto_class, task_kwargs, tiny_llama, tiny_roberta
 
     model_task = "seq_cls" if s.task == "glue" else "causal_lm"
     num_labels = glue.task_of(s.glue_task, "--glue_task").num_labels if s.task == "glue" else None
+    tokenizer = load_tokenizer(s)
     if s.model:
-        from transformers import AutoTokenizer
-
         try:
-            tokenizer = AutoTokenizer.from_pretrained(s.model, trust_remote_code=s.trust_remote_code)
             # straight onto the GPU: no rank holds a host copy of the whole model
             placement = {"device_map": {"": str(device)}} if device.type == "cuda" else {}
             model = auto_class(model_task).from_pretrained(s.model, dtype=dtype, trust_remote_code=s.trust_remote_code,
@@ -527,19 +564,22 @@ def load_model_and_tokenizer(s: EvalSettings, device: torch.device, dtype: torch
         except OSError as e:
             raise ConfigError(f"--model {s.model}: cannot load it ({e}); pass a local model directory") from None
     else:
-        tokenizer = tiny_tokenizer()
         model = tiny_roberta(num_labels, dtype) if s.task == "glue" else tiny_llama(dtype)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right" if s.task == "glue" else "left"
-    apply_adapter(model, s.adapter)
+    if s.adapter:
+        apply_adapter(model, s.adapter)
     return model.to(device).eval(), tokenizer
 
 
 @torch.inference_mode()
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int,
-             device: torch.device, progress=None) -> list[str]:
+             device: torch.device, progress=None, add_special_tokens: bool = True) -> list[str]:
     """Greedy continuations of ``prompts`` (same order), decoded without special tokens.
+
+    ``add_special_tokens=False`` for prompts that hold their special tokens (a chat template's), as
+    training tokenized them.
 
     Token ids the tokenizer does not know (``len(tokenizer)`` up to the model's vocabulary size) are
     suppressed. Batches are formed longest prompt first; each is left padded, so every prompt ends at the last
@@ -555,12 +595,13 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                               pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                               bos_token_id=tokenizer.bos_token_id, suppress_tokens=unreachable)
-    lengths = [len(tokenizer(p)["input_ids"]) for p in prompts]
+    lengths = [len(tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"]) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: (-lengths[i], i))
     texts: list[str | None] = [None] * len(prompts)
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     for b, batch in enumerate(batches):
-        enc = tokenizer([prompts[i] for i in batch], return_tensors="pt", padding=True)
+        enc = tokenizer([prompts[i] for i in batch], return_tensors="pt", padding=True,
+                        add_special_tokens=add_special_tokens)
         enc = {k: v.to(device) for k, v in enc.items()}
         out = model.generate(**enc, generation_config=config)
         new_tokens = out[:, enc["input_ids"].shape[1]:].cpu()
@@ -660,8 +701,11 @@ def run_eval(s: EvalSettings) -> dict | None:
     examples = load_examples(s.task, s.data, s.limit, s.glue_task)
     from .export import load_adapter
 
-    _, _, adapter_meta = load_adapter(s.adapter)  # the files are checked before anything heavy starts
-    trained_for = adapter_meta.get("task", "causal_lm")
+    # the files are checked before anything heavy starts; no adapter: the base model alone
+    adapter_meta = load_adapter(s.adapter)[2] if s.adapter else {}
+    if s.prompt_template == "chat":
+        require_chat_template(load_tokenizer(s), "--prompt_template chat")
+    trained_for = adapter_meta.get("task", "seq_cls" if s.task == "glue" else "causal_lm")
     if (trained_for == "seq_cls") != (s.task == "glue"):
         raise ConfigError(f"--adapter {s.adapter} was trained for model.task={trained_for}, which --task {s.task} "
                           "cannot evaluate: GLUE needs a classifier's adapter, the other tasks a causal LM's")
@@ -705,10 +749,11 @@ def _evaluate(s: EvalSettings, examples: list[Example], adapter_meta: dict, rank
                 payload["rows"].append({"index": example.index, "texts": list(example.texts),
                                         "label": example.label, "prediction": prediction})
         else:
-            texts = generate(model, tokenizer, [e.prompt for e in mine], s.max_new_tokens, s.batch_size, device,
-                             progress)
-            for example, text in zip(mine, texts):
-                payload["rows"].append({"index": example.index, "prompt": example.prompt, "generation": text,
+            prompts = [eval_prompt(e, s.prompt_template, tokenizer) for e in mine]
+            texts = generate(model, tokenizer, prompts, s.max_new_tokens, s.batch_size, device, progress,
+                             add_special_tokens=s.prompt_template != "chat")
+            for example, prompt, text in zip(mine, prompts, texts):
+                payload["rows"].append({"index": example.index, "prompt": prompt, "generation": text,
                                         "gold": example.gold, **score(s.task, text, example)})
         gen_seconds = time.time() - t0
     except ConfigError as e:
@@ -742,7 +787,7 @@ def _builtin_name(s: EvalSettings) -> str:
 def _summary(s: EvalSettings, rows: list[dict], adapter_meta: dict, world: int, device: torch.device,
              dtype: torch.dtype, gen_seconds: float, seconds: float) -> dict:
     n = len(rows)
-    common = {"model": s.model or _builtin_name(s), "adapter": os.path.abspath(s.adapter),
+    common = {"model": s.model or _builtin_name(s), "adapter": os.path.abspath(s.adapter) if s.adapter else None,
               "adapter_model": adapter_meta.get("model"), "adapter_init_id": adapter_meta.get("init_id"),
               "r": adapter_meta.get("r"), "method": adapter_meta.get("method"), "batch_size": s.batch_size,
               "limit": s.limit, "world_size": world, "device": device.type,

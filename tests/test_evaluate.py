@@ -48,6 +48,12 @@ GSM8K_CASES = [
     ("The answer is: -$5", "-5", "-5", True, "-5", True),
     ("The answer is: .5", "0.5", "0.5", True, "0.5", True),
     ("", "3", None, False, None, False),
+    # GSM8K's own final-answer marker, as a model trained on openai/gsm8k's answers writes it
+    ("Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n#### 72", "72", "72", True, "72", True),
+    ("5 * 12 = 60\n####60", "60", "60", True, "60", True),
+    ("#### 7\nThe answer is: 8", "7", "8", False, "8", False),  # the last marker of either kind wins
+    ("The answer is: 8\n#### 7", "7", "7", True, "7", True),
+    ("#### seven", "7", None, False, None, False),
 ]
 
 
@@ -184,8 +190,46 @@ def test_prompts(tmp_path):
     assert [(e.gold, e.family) for e in examples] == [("option1", "option"), ("answer2", "answer")]
 
 
+@pytest.mark.parametrize("template", ["alpaca", "plain", "chat"])
+def test_eval_prompt_is_the_training_prompt_of_the_row(template, tmp_path):
+    """One prompt both ways: what `lorasb eval --prompt_template T` generates from for a GSM8K row is the
+    prompt that training with data.prompt_template=T built for the same question, token for token."""
+    from lorasb_ds.config import DataConfig
+    from lorasb_ds.data import load_rows, tokenize_rows
+    from lorasb_ds.modeling import tiny_tokenizer
+    from test_data import CHAT_TEMPLATE
+
+    tok = tiny_tokenizer()
+    tok.chat_template = CHAT_TEMPLATE
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in GSM8K_ROWS[:3]))
+    cfg = DataConfig(path=str(path), query_field="question", response_field="answer", prompt_template=template)
+    training, _ = tokenize_rows(load_rows(cfg, 0), tok, cfg)
+    for example, row in zip(ev.load_examples("gsm8k", str(path)), training):
+        prompt = ev.eval_prompt(example, template, tok)
+        ids = tok(prompt, add_special_tokens=template != "chat")["input_ids"]
+        n_prompt = row["labels"].index(next(x for x in row["labels"] if x != -100))
+        assert ids == row["input_ids"][:n_prompt]
+        assert prompt.endswith({"alpaca": "### Response:\n", "plain": "\n", "chat": "<|assistant|>\n"}[template])
+    if template == "chat":
+        assert ids.count(tok.bos_token_id) == 1  # the template's <s>, not one more from the tokenizer
+
+
+def test_eval_prompt_template_checks(e2e, capsys):
+    args = ["eval", *EVAL_ARGS, "--data", e2e["data"], "--adapter", e2e["adapter"], "--out", str(e2e["root"] / "x")]
+    assert cli_main([*args, "--prompt_template", "chat"]) == 2  # the built-in tokenizer has no chat template
+    assert "--prompt_template chat needs a tokenizer with a chat template" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="applies to --task gsm8k and math only"):
+        ev.check_settings(ev.EvalSettings(task="commonsense", data=e2e["data"], adapter=None, out="o",
+                                          prompt_template="plain"))
+    assert not (e2e["root"] / "x").exists()
+
+
 def test_cli_constants_match():
     assert EVAL_TASKS == ev.TASKS and EVAL_MAX_NEW_TOKENS == ev.DEFAULT_MAX_NEW_TOKENS == 256
+    from lorasb_ds.cli import EVAL_PROMPT_TEMPLATES
+
+    assert EVAL_PROMPT_TEMPLATES == ev.EVAL_PROMPT_TEMPLATES
 
 
 # --------------------------------------------------------------------------- apply_adapter
@@ -283,6 +327,23 @@ def test_eval_outputs(e2e):
     assert summary["max_new_tokens"] == 8 and summary["batch_size"] == 4 and summary["world_size"] == 1
     assert summary["device"] == "cpu" and summary["dtype"] == "float32" and summary["decoding"] == "greedy"
     assert summary["seconds"] > 0
+
+
+def test_eval_without_adapter_is_the_base_model(e2e, tmp_path):
+    """No --adapter: the base model alone (a zero-shot baseline): the generations of the unwrapped model."""
+    from lorasb_ds.modeling import tiny_tokenizer
+
+    out = tmp_path / "base"
+    assert cli_main(["eval", *EVAL_ARGS, "--data", e2e["data"], "--out", str(out), "--batch_size", "4"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["adapter"] is None and summary["method"] is None and summary["rows"] == len(GSM8K_ROWS)
+    rows = read_jsonl(out / "generations.jsonl")
+    tok = tiny_tokenizer()
+    tok.pad_token, tok.padding_side = tok.eos_token if tok.pad_token is None else tok.pad_token, "left"
+    expected = ev.generate(tiny_llama().eval(), tok, [r["prompt"] for r in rows], 8, 4, torch.device("cpu"))
+    assert [r["generation"] for r in rows] == expected
+    adapted = read_jsonl(e2e["out"] / "generations.jsonl")
+    assert [r["generation"] for r in rows] != [r["generation"] for r in adapted]  # the adapter does change them
 
 
 def test_eval_batch_size_does_not_change_generations(e2e):
