@@ -119,15 +119,25 @@ def match_checkpoint(model: torch.nn.Module, tensors: dict[str, tuple[str, list[
     ``new`` (or the model's ``_keys_to_ignore_on_load_missing``) may be absent: the model's own init
     gives them values. Keys matching ``unused`` (or ``_keys_to_ignore_on_load_unexpected``) are
     skipped. Anything else missing or unexpected, and shape mismatches, raise ``ConfigError``. Works
-    on a model built on the meta device, before anything is partitioned."""
+    on a model built on the meta device, before anything is partitioned.
+
+    A checkpoint of the bare base model (e.g. a ``BertModel``, as sentence-transformers ships it) under a
+    model with a head has no ``base_model_prefix`` (``bert.``) on its keys: as ``from_pretrained`` does,
+    its keys are then read with that prefix. A non-persistent buffer that an older checkpoint still holds
+    (BERT's ``position_ids``) is skipped: the model computes it itself."""
     new = [*new, *(getattr(model, "_keys_to_ignore_on_load_missing", None) or [])]
     unused = [*unused, *(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])]
+    key_of = {k: k for k in tensors}  # the model's name of each checkpoint tensor -> its key in the file
+    prefix = getattr(model, "base_model_prefix", "")
+    if (prefix and isinstance(getattr(model, prefix, None), torch.nn.Module)
+            and not any(k.startswith(prefix + ".") for k in tensors)):
+        key_of = {f"{prefix}.{k}": k for k in tensors}
     sources, fresh, missing, known, wrong = {}, [], [], set(), []
     for names, p in parameter_names(model):
         known.update(names)
-        key = next((n for n in names if n in tensors), None)
-        if key is not None:
-            sources[names[0]] = key
+        name = next((n for n in names if n in key_of), None)
+        if name is not None:
+            key = sources[names[0]] = key_of[name]
             if list(tensors[key][1]) != list(p.shape):
                 wrong.append(f"{key}: checkpoint {tensors[key][1]}, model {list(p.shape)}")
         elif any(re.search(pat, n) for pat in new for n in names):
@@ -135,13 +145,15 @@ def match_checkpoint(model: torch.nn.Module, tensors: dict[str, tuple[str, list[
         else:
             missing.append(" = ".join(names))
     buffers = dict(model.named_buffers())
-    for name in model.state_dict().keys() - known:  # persistent buffers: loaded when present
+    persistent = model.state_dict().keys()
+    for name in persistent - known:  # persistent buffers: loaded when present
         known.add(name)
-        if name in tensors:
-            sources[name] = name
-            if list(tensors[name][1]) != list(buffers[name].shape):
-                wrong.append(f"{name}: checkpoint {tensors[name][1]}, model {list(buffers[name].shape)}")
-    unexpected = sorted(k for k in tensors.keys() - known if not any(re.search(pat, k) for pat in unused))
+        if name in key_of:
+            key = sources[name] = key_of[name]
+            if list(tensors[key][1]) != list(buffers[name].shape):
+                wrong.append(f"{key}: checkpoint {tensors[key][1]}, model {list(buffers[name].shape)}")
+    known.update(buffers.keys() - persistent)  # non-persistent: never loaded
+    unexpected = sorted(key_of[k] for k in key_of.keys() - known if not any(re.search(pat, k) for pat in unused))
     problems = []
     for what, names in (("missing from the checkpoint", missing), ("in the checkpoint but not in the model",
                         unexpected), ("of the wrong shape", wrong)):
@@ -217,8 +229,8 @@ def load_partitioned(model_dir: str, build: Callable[[object], torch.nn.Module],
                 read_flat(tensors[key][0], key, start, p.ds_tensor.narrow(0, 0, stop - start))
         for name, buf in model.named_buffers():
             if name in sources:
-                with safe_open(tensors[name][0], framework="pt") as f:
-                    buf.copy_(f.get_tensor(name))
+                with safe_open(tensors[sources[name]][0], framework="pt") as f:
+                    buf.copy_(f.get_tensor(sources[name]))
         modules = dict(model.named_modules())
         for owner in dict.fromkeys(name.rpartition(".")[0] for name in fresh):
             module = modules[owner]  # the model's own init on the gathered parameters; rank 0's values are kept

@@ -31,7 +31,6 @@ import os
 import random
 import sys
 from dataclasses import dataclass
-from typing import Callable
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT_DIR = os.path.join(REPO, "data", "word_problems")

