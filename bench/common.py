@@ -29,11 +29,13 @@ sys.path.insert(0, REPO)  # the package of this checkout
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 # Llama-style shapes. default: 63M params (50M in the targets); wide: 2 layers of hidden 2048, 122M;
-# 1b: Llama-3.2-1B-like shapes with a 32k vocabulary (1.1B), for the GPU check.
+# 1b: Llama-3.2-1B-like shapes with a 32k vocabulary (1.1B), for the GPU check; smollm2: the real shapes of
+# SmolLM2-135M (30 layers of hidden 576, 9 query / 3 key-value heads, 49k vocabulary, tied embeddings: 134.5M).
 PRESETS = {
     "default": dict(hidden=768, layers=8, intermediate=2048, heads=12, kv_heads=4, vocab=8192),
     "wide": dict(hidden=2048, layers=2, intermediate=5504, heads=16, kv_heads=4, vocab=8192),
     "1b": dict(hidden=2048, layers=16, intermediate=8192, heads=32, kv_heads=8, vocab=32000),
+    "smollm2": dict(hidden=576, layers=30, intermediate=1536, heads=9, kv_heads=3, vocab=49152, tied=True),
 }
 
 
@@ -58,8 +60,9 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     """Fill the shape from the preset, dtype and rank count from the device; set the environment the
     libraries read at import (call before importing torch or DeepSpeed)."""
     for key, value in PRESETS[args.preset].items():
-        if getattr(args, key) is None:
+        if getattr(args, key, None) is None:
             setattr(args, key, value)
+    args.tied = getattr(args, "tied", None) or False
     args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
     args.nproc = args.nproc or (2 if args.device == "cpu" else 1)
     os.environ["DS_ACCELERATOR"] = args.device
@@ -177,7 +180,7 @@ def llama_config(args):
     return LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
                        num_hidden_layers=args.layers, num_attention_heads=args.heads,
                        num_key_value_heads=args.kv_heads, max_position_embeddings=max(args.seq, 128),
-                       tie_word_embeddings=False)
+                       tie_word_embeddings=args.tied)
 
 
 def build_model(args, ds: dict):

@@ -1,12 +1,9 @@
-"""Figure of a quality study: (a) training-loss curves of the methods, mean over seeds at each method's
-chosen lr; (b) LoRA-SB's captured estimation energy per module (sum sigma_r^2 / ||dW||_F^2, the
-``energy`` metadata of ``lorasb_init.safetensors``).
+"""Figure of the quality study (``bench/results/quality/quality.json`` of ``bench/quality.py``):
+(a) training-loss curves, mean over seeds at each method's chosen lr; (b) test accuracy, strict and
+flexible, mean ± std over seeds, beside the base model zero-shot; (c) LoRA-SB's captured estimation
+energy per module and layer (sum sigma_r^2 / ||dW||_F^2, the ``energy`` metadata of its init file).
 
-    python bench/plot.py --json bench/results/quality.json --out bench/results/quality.png
-    python bench/plot.py --json ... --init outputs/quality/runs/lorasb_lr0.005_seed1/lorasb_init.safetensors
-
-Without ``--init`` the energies come from the JSON (``bench/quality.py`` stores those of each LoRA-SB run;
-the first seed's at the chosen lr is drawn).
+    python bench/plot.py --json bench/results/quality/quality.json --out bench/results/quality/quality.png
 """
 
 from __future__ import annotations
@@ -14,10 +11,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 
-COLORS = {"lorasb": "tab:red", "loraxs": "tab:orange", "lora": "tab:blue", "full": "tab:gray"}
-LABELS = {"lorasb": "LoRA-SB", "loraxs": "LoRA-XS", "lora": "LoRA", "full": "full FT"}
+COLORS = {"base": "tab:green", "lorasb": "tab:red", "loraxs": "tab:orange", "lora": "tab:blue", "full": "tab:gray"}
+LABELS = {"base": "base, zero-shot", "lorasb": "LoRA-SB", "loraxs": "LoRA-XS", "lora": "LoRA", "full": "full FT"}
 MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -29,54 +27,64 @@ def mean_curve(curves: list[list[list[float]]]) -> tuple[list[int], list[float],
     return steps, [sum(v) / len(v) for v in values], [min(v) for v in values], [max(v) for v in values]
 
 
-def plot(data: dict, energies: dict[str, float] | None, out: str, source: str = "") -> str:
+def _stats(values: list[float]) -> tuple[float, float]:
+    return (100 * statistics.fmean(values), 100 * statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def plot(data: dict, out: str) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = {r["output_dir"].rstrip("/").rsplit("/", 1)[-1]: r for r in data["runs"]}
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [1, 1.25]})
-    for res in data["results"]:
-        curves = [runs[name]["curve"] for name in res["runs"] if name in runs and runs[name].get("curve")]
-        if not curves:
+    rows = data["rows"]
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(17, 4.8), gridspec_kw={"width_ratios": [1, 0.8, 1.3]})
+    for m, res in rows.items():
+        if not res.get("curves"):
             continue
-        steps, mean, lo, hi = mean_curve(curves)
-        m = res["method"]
-        label = f"{LABELS.get(m, m)} (r={res['r']}, lr={res['lr']:g})" if m != "full" else \
-            f"{LABELS[m]} (lr={res['lr']:g})"
-        ax1.plot(steps, mean, color=COLORS.get(m), label=f"{label}, {len(curves)} seed{'s' * (len(curves) > 1)}")
-        if len(curves) > 1:
-            ax1.fill_between(steps, lo, hi, color=COLORS.get(m), alpha=0.15, linewidth=0)
+        steps, mean, lo, hi = mean_curve(res["curves"])
+        label = f"{LABELS[m]} (r={res['r']}, lr={res['lr']:g})" if res.get("r") else f"{LABELS[m]} (lr={res['lr']:g})"
+        n = len(res["curves"])
+        ax1.plot(steps, mean, color=COLORS[m], label=f"{label}, {n} seed{'s' * (n > 1)}")
+        if n > 1:
+            ax1.fill_between(steps, lo, hi, color=COLORS[m], alpha=0.15, linewidth=0)
     ax1.set_xlabel("optimizer step")
     ax1.set_yscale("log")
     ax1.set_ylabel("training loss (response tokens, log scale)")
     ax1.set_title("(a) training loss, mean over seeds (band: min-max)")
     ax1.grid(alpha=0.3)
-    ax1.legend(fontsize=8)
+    ax1.legend(fontsize=7)
 
+    scored = [m for m, r in rows.items() if r.get("strict")]
+    for i, m in enumerate(scored):
+        for j, (kind, hatch) in enumerate((("strict", ""), ("flexible", "//"))):
+            mean, std = _stats(rows[m][kind])
+            ax2.bar(i + (j - 0.5) * 0.38, mean, width=0.38, yerr=std, color=COLORS[m], hatch=hatch,
+                    alpha=0.9 if kind == "strict" else 0.5, capsize=3)
+    ax2.set_xticks(range(len(scored)), [LABELS[m] for m in scored], fontsize=8, rotation=15)
+    ax2.set_ylabel("test accuracy % (plain: strict, hatched: flexible)")
+    ax2.set_title("(b) held-out test accuracy, mean ± std")
+    ax2.grid(alpha=0.3, axis="y")
+
+    energies = data.get("energy")
     if energies:
-        names = sorted(energies, key=_module_order)
-        layers = sorted({_layer(n) for n in names})
-        width = 0.8 / len(MODULES)
+        layers = sorted({_layer(n) for n in energies})
         for j, mod in enumerate(MODULES):
-            xs = [layers.index(_layer(n)) + (j - (len(MODULES) - 1) / 2) * width for n in names if n.endswith(mod)]
-            ys = [energies[n] for n in names if n.endswith(mod)]
-            if xs:
-                ax2.bar(xs, ys, width=width, label=mod, color=plt.cm.tab10(j))
-        ax2.set_xticks(range(len(layers)), [f"layer {i}" for i in layers])
-        ax2.set_ylim(0, 1.15)
-        ax2.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
-        ax2.set_ylabel(r"captured energy $\sum\sigma_r^2 / \|\Delta W\|_F^2$")
-        r = next((res["r"] for res in data["results"] if res["method"] == "lorasb"), None)
-        ax2.set_title(f"(b) LoRA-SB estimate: energy kept by the rank-{r} SVD" if r else "(b) LoRA-SB energy")
-        ax2.legend(fontsize=7, ncol=len(MODULES), loc="upper center", handlelength=1, columnspacing=0.8)
-        ax2.grid(alpha=0.3, axis="y")
-        if source:
-            ax2.text(0.99, -0.14, source, transform=ax2.transAxes, ha="right", fontsize=7, color="gray")
+            points = sorted((_layer(n), e) for n, e in energies.items() if n.endswith("." + mod))
+            if points:
+                ax3.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=2.5,
+                         label=mod, color=plt.cm.tab10(j))
+        ax3.set_xticks(layers[::max(1, len(layers) // 10)])
+        ax3.set_xlabel("layer")
+        ax3.set_ylim(0, 1.05)
+        ax3.set_ylabel(r"captured energy $\sum\sigma_r^2 / \|\Delta W\|_F^2$")
+        r = rows.get("lorasb", {}).get("r")
+        ax3.set_title(f"(c) LoRA-SB estimate: energy kept by the rank-{r} SVD")
+        ax3.legend(fontsize=7, ncol=4, loc="lower right")
+        ax3.grid(alpha=0.3)
     else:
-        ax2.text(0.5, 0.5, "no LoRA-SB init file", ha="center", va="center")
-        ax2.set_axis_off()
+        ax3.text(0.5, 0.5, "no LoRA-SB run yet", ha="center", va="center")
+        ax3.set_axis_off()
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     fig.savefig(out, dpi=110)
@@ -89,31 +97,12 @@ def _layer(name: str) -> int:
     return int(parts[parts.index("layers") + 1]) if "layers" in parts else -1
 
 
-def _module_order(name: str) -> tuple[int, int]:
-    mod = name.rsplit(".", 1)[-1]
-    return _layer(name), MODULES.index(mod) if mod in MODULES else len(MODULES)
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--json", required=True, help="the --json output of bench/quality.py")
-    p.add_argument("--init", help="a lorasb_init.safetensors whose energies to draw (default: from the JSON)")
-    p.add_argument("--out", default="bench/results/quality.png", help="PNG to write (default: %(default)s)")
+    p.add_argument("--json", default="bench/results/quality/quality.json", help="bench/quality.py's report")
+    p.add_argument("--out", default="bench/results/quality/quality.png", help="PNG to write (default: %(default)s)")
     args = p.parse_args(argv)
-    data = json.load(open(args.json))
-    if args.init:
-        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        from lorasb_ds.init import read_init_metadata
-
-        energies = read_init_metadata(args.init)["energy"]
-        source = os.path.basename(os.path.dirname(os.path.abspath(args.init)))
-    else:
-        runs = {r["output_dir"].rstrip("/").rsplit("/", 1)[-1]: r for r in data["runs"]}
-        chosen = [runs[n] for res in data["results"] if res["method"] == "lorasb" for n in res["runs"] if n in runs]
-        lorasb = next((r for r in chosen if r.get("energy")), None)
-        energies = lorasb["energy"] if lorasb else None
-        source = os.path.basename(lorasb["output_dir"]) if lorasb else ""
-    print(f"[plot] written to {plot(data, energies, args.out, source)}")
+    print(f"[plot] written to {plot(json.load(open(args.json)), args.out)}")
     return 0
 
 

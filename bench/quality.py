@@ -1,39 +1,44 @@
-"""Quality study: LoRA-SB against LoRA-XS, LoRA and full fine-tuning, trained and evaluated through the
-product's own command line on a small pretrained model.
+"""Quality study: LoRA-SB against LoRA-XS, LoRA and full fine-tuning on a real pretrained instruct model
+(SmolLM2-135M-Instruct), trained and evaluated through the product's own command line.
 
-    python bench/quality.py                       # the shipped model, each method at its chosen lr, 1 seed
-    python bench/quality.py --full --json bench/results/quality.json   # lr sweep, then 3 seeds at the best lr
+    lorasb fetch smollm2-135m-instruct --out models/smollm2-135m-instruct    # once
+    python bench/quality.py                 # the study: lr sweep on validation, then 3 seeds, test scores
+    python bench/quality.py --quick         # a few steps of two methods, to see that it all runs (≤ 10 min)
 
 What it does:
 
-1. **Model**: the built-in ``lorasb_ds/assets/tiny-llama`` (a small Llama pretrained on equations,
-   number facts and short stories by ``bench/pretrain.py``), or with ``--pretrain_steps N`` a model
-   pretrained anew for N steps into ``WORKDIR/model``.
-2. **Data**: fine-tuning on the built-in synthetic word problems, ``synthetic_math_rows(train_rows,
-   train.seed)`` (Alpaca prompt, two steps, "... The answer is: N"), written to a metamath-format file
-   in which every response starts with "Let's think step by step.", the cue that ``lorasb eval`` puts
-   after "### Response:" (without it the models take the cue's final period for the end of the working
-   and answer at once). A held-out test set in GSM8K format (``question``, ``answer`` ending
-   ``#### N``) is written from the same generator with another seed, leaving out any question that is
-   also in a training set of the study.
-3. **Training**: every method through ``launch/train.py`` under ``torch.distributed.run`` with
-   ``--nproc`` processes and ``ds_configs/zero3.json``, with ``bench/quality.yaml`` and overrides
-   (``lorasb.method``, ``lorasb.r``, ``train.lr``, ``train.seed``, ``train.max_steps``), all methods for
-   the same number of optimizer steps. With more than one lr for a method, each is trained on the first
-   seed and the lr with the lowest final loss is kept (the test set plays no part in the choice); the
-   other seeds are trained at that lr.
-4. **Evaluation**: each kept run's adapter by ``launch/evaluate.py`` (``lorasb eval --task gsm8k``,
-   greedy, sharded over the same number of processes): strict ("The answer is: N") and flexible (last
-   number) exact match.
-5. **Report**: a markdown table (printed, and in ``--json`` with every run's loss curve).
+1. **Data**: ``data/word_problems/`` (``scripts/make_word_problems.py``): multi-step arithmetic word
+   problems in GSM8K's layout (a question; a worked answer ending ``#### N``). ``train`` and
+   ``validation`` share templates and names; ``test`` uses templates and names that training never saw.
+2. **Prompt**: one prompt both ways: training rows go through ``data.prompt_template=chat`` (the question
+   as the user turn of the model's chat template) and ``lorasb eval --prompt_template chat`` builds the
+   same prompt for the same question.
+3. **Rows**: the base model zero-shot (the floor); LoRA-SB r = 96; LoRA-XS r = 96 (the same trained
+   count); LoRA r = 32 (PEFT-style, alpha 2r); full fine-tuning. Same data, steps and batch for all,
+   each run through ``launch/train.py`` under ``torch.distributed.run`` with ``ds_configs/zero3.json``
+   and ``bench/quality.yaml``.
+4. **Learning rate**: each method's lrs (``SWEEP_LR``) are trained on the first seed and scored on the
+   validation split; the best strict accuracy wins (ties: flexible accuracy, then final training loss).
+   The test split plays no part in the choice. The other seeds are trained at the chosen lr.
+5. **Test**: every kept run (and the base model) by ``lorasb eval --task gsm8k`` on the test split:
+   strict (the number after the last ``####`` or ``The answer is:``) and flexible (the last number).
+6. **Cache**: each finished run's results go to ``--results/runs/NAME.json`` as soon as they exist,
+   with the settings that made them; a rerun with the same settings reads them instead of training
+   again, so the study can be done in several sittings.
+7. **Report** (printed, and in ``--results/quality.json`` and ``quality.md``): per method, strict and
+   flexible test accuracy (mean ± sample std over seeds), final loss, trained numbers, optimizer-state
+   bytes (fp32 Adam: master copy + two moments per trained number, 12 bytes), wall time per run; the lr
+   sweep; and whether, here, (i) LoRA-SB ≥ LoRA-XS at the same count, (ii) LoRA-SB is within 1 point of
+   LoRA r = 32 or above it with ≥ 5× fewer trained numbers, (iii) LoRA-SB's loss leads early.
 
 "Final loss" is the mean training loss of the last fifth of the steps (each step's loss is the mean
-over its global batch), so one noisy batch does not decide it.
+over its global batch).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -48,24 +53,49 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import common  # noqa: E402  (bench/common.py)
-from lorasb_ds.init import read_init_metadata  # noqa: E402
-from lorasb_ds.modeling import TINY_LLAMA_DIR  # noqa: E402
 
-METHODS = ("lorasb", "loraxs", "lora", "full")
-# The learning rates the default run uses: the best of the sweep of ``--full`` (bench/README.md).
-DEFAULT_LR = {"lorasb": 2e-2, "loraxs": 1e-2, "lora": 1e-2, "full": 1e-3}
-# The sweep of ``--full``.
-SWEEP_LR = {"lorasb": [5e-3, 1e-2, 2e-2], "loraxs": [5e-3, 1e-2, 2e-2], "lora": [5e-3, 1e-2, 2e-2],
-            "full": [3e-4, 1e-3, 3e-3]}
+METHODS = ("lorasb", "lora", "loraxs", "full")  # the order of the study: the key comparisons first
+LABELS = {"base": "base model, zero-shot", "lorasb": "LoRA-SB", "loraxs": "LoRA-XS", "lora": "LoRA",
+          "full": "full fine-tuning"}
+RANKS = {"lorasb": 96, "loraxs": 96, "lora": 32, "full": 0}
+SWEEP_LR = {"lorasb": [1e-3, 3e-3, 1e-2], "loraxs": [1e-3, 3e-3, 1e-2], "lora": [3e-4, 1e-3, 3e-3],
+            "full": [1e-5, 3e-5, 1e-4]}
+DEFAULT_MODEL = os.path.join(REPO, "models", "smollm2-135m-instruct")
+DATA_DIR = os.path.join(REPO, "data", "word_problems")
 RUN_CONFIG = os.path.join(REPO, "bench", "quality.yaml")
 DS_CONFIG = os.path.join(REPO, "ds_configs", "zero3.json")
+OPTIMIZER_BYTES_PER_TRAINED = 12  # fp32 master + Adam's two moments (the engine's state is 3 elements each)
 
 
 def log(msg: str) -> None:
     print(msg, flush=True)
 
 
-# --------------------------------------------------------------------------- arguments
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--quick", action="store_true",
+                   help="LoRA-SB and LoRA, one lr, one seed, 4 steps, 8 test rows: everything runs (≤ 10 min)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="model directory (default: models/smollm2-135m-instruct)")
+    p.add_argument("--data", default=DATA_DIR, help="folder with train/validation/test.jsonl (default: %(default)s)")
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated (default: %(default)s)")
+    p.add_argument("--lr", action="append", default=[], metavar="METHOD=LR[,LR...]",
+                   help="learning rates of a method (replaces its SWEEP_LR; repeatable)")
+    p.add_argument("--seeds", default="1,2,3", help="train.seed values; the first runs the sweep (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=40, help="optimizer steps of every run (default: %(default)s)")
+    p.add_argument("--est_samples", type=int, default=None, help="lorasb.est_samples (default: the run config's)")
+    p.add_argument("--val_rows", type=int, default=100, help="validation problems for the lr choice (default: %(default)s)")
+    p.add_argument("--test_rows", type=int, default=0, help="test problems (default 0: all)")
+    p.add_argument("--max_new_tokens", type=int, default=96, help="eval generation length (default: %(default)s)")
+    p.add_argument("--eval_batch", type=int, default=25, help="eval prompts per generate call per rank")
+    p.add_argument("--nproc", type=int, default=2, help="processes per training / evaluation (default: %(default)s)")
+    p.add_argument("--no_base", action="store_true", help="leave out the base model's zero-shot row")
+    p.add_argument("--workdir", default=None,
+                   help="runs and logs (default: outputs/quality; --quick: outputs/quality-quick)")
+    p.add_argument("--results", default=None,
+                   help="cached per-run results and the report (default: bench/results/quality; --quick: "
+                        "outputs/quality-quick/results, so a quick run never replaces the study's cache)")
+    return p
 
 
 def parse_lrs(items: list[str]) -> dict[str, list[float]]:
@@ -79,169 +109,144 @@ def parse_lrs(items: list[str]) -> dict[str, list[float]]:
     return out
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("--full", action="store_true",
-                   help="the whole study: the lr sweep of every method (SWEEP_LR) and seeds 1,2,3, unless "
-                        "--lr / --seeds say otherwise")
-    p.add_argument("--model", default=TINY_LLAMA_DIR,
-                   help="pretrained model directory (default: the built-in lorasb_ds/assets/tiny-llama)")
-    p.add_argument("--pretrain_steps", type=int, default=0,
-                   help="pretrain a model anew for this many steps (bench/pretrain.py, its other defaults) "
-                        "into WORKDIR/model and use it instead of --model")
-    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated (default: %(default)s)")
-    p.add_argument("--lr", action="append", default=[], metavar="METHOD=LR[,LR...]",
-                   help="learning rates of a method; several: a sweep on the first seed (repeatable)")
-    p.add_argument("--seeds", default=None, help="comma-separated train.seed values (default: 1; --full: 1,2,3)")
-    p.add_argument("--steps", type=int, default=100, help="optimizer steps of every run (default: %(default)s)")
-    p.add_argument("--train_rows", type=int, default=2000, help="training problems per seed (default: %(default)s)")
-    p.add_argument("--r", type=int, default=32, help="rank of LoRA-SB and LoRA-XS (default: %(default)s)")
-    p.add_argument("--lora_r", type=int, default=8, help="rank of LoRA (default: %(default)s)")
-    p.add_argument("--est_samples", type=int, default=None,
-                   help="lorasb.est_samples (default: the run config's)")
-    p.add_argument("--eval_rows", type=int, default=150, help="held-out test problems (default: %(default)s)")
-    p.add_argument("--test_seed", type=int, default=20240, help="seed of the test set (default: %(default)s)")
-    p.add_argument("--max_new_tokens", type=int, default=64, help="eval generation length (default: %(default)s)")
-    p.add_argument("--eval_batch", type=int, default=25, help="eval prompts per generate call per rank "
-                                                             "(default: %(default)s)")
-    p.add_argument("--nproc", type=int, default=2, help="processes per training / evaluation (default: %(default)s)")
-    p.add_argument("--workdir", default=os.path.join(REPO, "outputs", "quality"),
-                   help="runs, logs and the test set (default: outputs/quality)")
-    p.add_argument("--json", help="write every setting, run, loss curve and result to this file")
-    return p
-
-
-# --------------------------------------------------------------------------- data
-
-def test_rows(n: int, seed: int, train_rows: int, train_seeds: list[int]) -> tuple[list[dict], int]:
-    """``n`` GSM8K-style rows (``question``, ``answer`` ending ``#### N``) from the synthetic generator
-    with ``seed``: no question twice, none that is in a training set (``train_rows`` rows of each of
-    ``train_seeds``). Returns the rows and how many generated rows were left out."""
-    from lorasb_ds.data import synthetic_math_rows
-
-    seen = {row["query"] for s in train_seeds for row in synthetic_math_rows(train_rows, s)}
-    rows, dropped = [], 0
-    for row in synthetic_math_rows(2 * n + len(seen), seed):  # enough, unless the generator repeats a lot
-        if row["query"] in seen:
-            dropped += 1
-            continue
-        seen.add(row["query"])
-        steps, _, answer = row["response"].rpartition(" The answer is: ")
-        rows.append({"question": row["query"], "answer": f"{steps}\n#### {answer}"})
-        if len(rows) == n:
-            return rows, dropped
-    raise SystemExit(f"could not draw {n} test problems with seed {seed} that are not training problems")
-
-
-# --------------------------------------------------------------------------- processes
-
-
-def launch(script: str, args: list[str], nproc: int, log_path: str) -> tuple[int, float, list[str]]:
-    """``python -m torch.distributed.run --nproc_per_node N script args``; output to ``log_path``."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
-           "--master_addr", "127.0.0.1", "--master_port", str(common.free_port()), script, *args]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env.setdefault("OMP_NUM_THREADS", "1")
-    started = time.time()
-    with open(os.path.join(REPO, log_path), "w") as out:
-        out.write("$ " + shlex.join(cmd) + "\n")
-        out.flush()
-        rc = subprocess.run(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT).returncode
-    return rc, time.time() - started, cmd
-
-
 def rel(path: str) -> str:
     """``path`` relative to the repository when it lies inside it (commands run from there)."""
     path = os.path.abspath(path)
     return os.path.relpath(path, REPO) if path.startswith(REPO + os.sep) else path
 
 
-def tail(path: str, n: int = 30) -> str:
-    with open(os.path.join(REPO, path), errors="replace") as f:
+def sha256_of(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def launch(script: str, args: list[str], nproc: int, log_path: str) -> tuple[int, float]:
+    """``python -m torch.distributed.run --nproc_per_node N script args``; output to ``log_path``."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
+           "--master_addr", "127.0.0.1", "--master_port", str(common.free_port()), script, *args]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    started = time.time()
+    with open(log_path, "w") as out:
+        out.write("$ " + shlex.join(cmd) + "\n")
+        out.flush()
+        rc = subprocess.run(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT).returncode
+    return rc, time.time() - started
+
+
+def tail(path: str, n: int = 12) -> str:
+    with open(path, errors="replace") as f:
         return "".join(f.readlines()[-n:])
 
 
-# --------------------------------------------------------------------------- one run
+# --------------------------------------------------------------------------- one run, cached
 
 
-def training_file(seed: int, args) -> str:
-    """The training rows of ``seed`` (``synthetic_math_rows(train_rows, seed)``, the rows the built-in data
-    would give) as a metamath-format file, each response starting with
-    the cue that ``lorasb eval`` puts after "### Response:" (without it in training, a model takes the
-    cue's final period for the end of its working and answers at once)."""
-    from lorasb_ds.data import synthetic_math_rows
-    from lorasb_ds.evaluate import COT_CUE
+class Study:
+    """Settings shared by every run, the cache, and the two operations: train and evaluate."""
 
-    path = os.path.join(args.workdir, "data", f"train_seed{seed}.jsonl")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        for row in synthetic_math_rows(args.train_rows, seed):
-            f.write(json.dumps({"query": row["query"], "response": f"{COT_CUE.strip()} {row['response']}"}) + "\n")
-    return rel(path)
+    def __init__(self, args):
+        self.args = args
+        self.model = rel(args.model)
+        self.split = {s: rel(os.path.join(args.data, f"{s}.jsonl")) for s in ("train", "validation", "test")}
+        # what makes a cached result valid: the model, the data, the run config and the shared settings
+        self.key = {"model_config": sha256_of(os.path.join(args.model, "config.json")),
+                    "model_weights_bytes": os.path.getsize(os.path.join(args.model, "model.safetensors")),
+                    **{f"data_{s}": sha256_of(p) for s, p in self.split.items()},
+                    "run_config": sha256_of(RUN_CONFIG), "ds_config": sha256_of(DS_CONFIG),
+                    "steps": args.steps, "est_samples": args.est_samples, "nproc": args.nproc,
+                    "max_new_tokens": args.max_new_tokens, "val_rows": args.val_rows, "test_rows": args.test_rows}
+        self.cache_dir = os.path.join(args.results, "runs")
 
+    def cached(self, name: str) -> dict | None:
+        path = os.path.join(self.cache_dir, f"{name}.json")
+        if not os.path.isfile(path):
+            return None
+        run = json.load(open(path))
+        return run if run.get("key") == self.key else None
 
-def rank_of(method: str, args) -> int:
-    return args.lora_r if method == "lora" else args.r
+    def store(self, run: dict) -> None:
+        os.makedirs(self.cache_dir, exist_ok=True)
+        path = os.path.join(self.cache_dir, f"{run['name']}.json")
+        with open(path + ".tmp", "w") as f:
+            json.dump(run, f, indent=1)
+        os.replace(path + ".tmp", path)
 
+    def train(self, method: str, lr: float, seed: int) -> dict:
+        """Train one run (or read it from the cache); returns its record."""
+        name = f"{method}_lr{lr:g}_seed{seed}"
+        run = self.cached(name)
+        if run is not None and "train_rc" in run:
+            log(f"  {name}: cached (final loss {run.get('final_loss')})")
+            return run
+        a = self.args
+        out = rel(os.path.join(a.workdir, "runs", name))
+        overrides = [f"model.name_or_path={self.model}", f"lorasb.method={method}", f"train.lr={lr:g}",
+                     f"train.seed={seed}", f"train.max_steps={a.steps}", f"data.path={self.split['train']}"]
+        if RANKS[method]:
+            overrides.append(f"lorasb.r={RANKS[method]}")
+        if a.est_samples:
+            overrides.append(f"lorasb.est_samples={a.est_samples}")
+        log_path = os.path.join(a.workdir, "logs", f"train_{name}.log")
+        rc, seconds = launch("launch/train.py", ["--ds_config", rel(DS_CONFIG), "--config", rel(RUN_CONFIG),
+                                                 "--output_dir", out, "--overwrite", *overrides], a.nproc, log_path)
+        run = {"name": name, "key": self.key, "method": method, "r": RANKS[method], "lr": lr, "seed": seed,
+               "output_dir": out, "train_rc": rc, "train_seconds": round(seconds, 1),
+               "train_command": f"launch/train.py ... {shlex.join(overrides)}"}
+        metrics = os.path.join(REPO, out, "metrics.jsonl")
+        curve = [(r["step"], r["loss"]) for r in map(json.loads, open(metrics)) if "step" in r] \
+            if os.path.isfile(metrics) else []
+        run["curve"] = curve
+        if rc != 0 or not curve:
+            run["status"] = "diverged" if rc == 3 else "failed"
+            log(f"  {name}: exit {rc} ({run['status']}); log {rel(log_path)}\n{tail(log_path)}")
+            if rc == 3:
+                self.store(run)  # a divergence is an outcome of the sweep; a crash is not cached
+            return run
+        summary = json.load(open(os.path.join(REPO, out, "run_summary.json")))
+        run.update(status="ok", final_loss=statistics.fmean(loss for _, loss in curve[-max(1, len(curve) // 5):]),
+                   trainable=summary["trainable_parameters"], estimation_seconds=summary.get("estimation_seconds"))
+        run["optimizer_state_bytes"] = OPTIMIZER_BYTES_PER_TRAINED * run["trainable"]
+        if method == "lorasb":
+            from lorasb_ds.init import read_init_metadata
 
-def train(method: str, lr: float, seed: int, model: str, args) -> dict:
-    out = rel(os.path.join(args.workdir, "runs", f"{method}_lr{lr:g}_seed{seed}"))
-    overrides = [f"model.name_or_path={model}", f"lorasb.method={method}", f"lorasb.r={rank_of(method, args)}",
-                 f"train.lr={lr:g}", f"train.seed={seed}", f"train.max_steps={args.steps}"]
-    overrides.append(f"data.path={training_file(seed, args)}")
-    if args.est_samples:
-        overrides.append(f"lorasb.est_samples={args.est_samples}")
-    os.makedirs(os.path.join(args.workdir, "logs"), exist_ok=True)
-    log_path = rel(os.path.join(args.workdir, "logs", f"train_{os.path.basename(out)}.log"))
-    rc, seconds, cmd = launch("launch/train.py", ["--ds_config", os.path.relpath(DS_CONFIG, REPO), "--config",
-                                                  os.path.relpath(RUN_CONFIG, REPO), "--output_dir", out,
-                                                  "--overwrite", *overrides], args.nproc, log_path)
-    run = {"method": method, "r": rank_of(method, args), "lr": lr, "seed": seed, "output_dir": out,
-           "train_rc": rc, "train_seconds": round(seconds, 1), "train_log": log_path,
-           "train_command": shlex.join(cmd[2:])}
-    metrics = os.path.join(REPO, out, "metrics.jsonl")
-    curve = []
-    if os.path.isfile(metrics):
-        curve = [(r["step"], r["loss"]) for r in map(json.loads, open(metrics)) if "step" in r]
-    run["curve"] = curve
-    if rc != 0 or not curve:
-        run["status"] = "diverged" if rc == 3 else "failed"
-        log(f"  {method} lr={lr:g} seed={seed}: exit {rc} ({run['status']}); log {log_path}\n{tail(log_path, 8)}")
+            run["energy"] = read_init_metadata(os.path.join(REPO, out, "lorasb_init.safetensors"))["energy"]
+        self.store(run)
+        log(f"  {name}: final loss {run['final_loss']:.4f}, {run['trainable']:,} trained, {seconds:.0f} s")
         return run
-    tail_n = max(1, len(curve) // 5)
-    run["final_loss"] = statistics.fmean(loss for _, loss in curve[-tail_n:])
-    summary = json.load(open(os.path.join(REPO, out, "run_summary.json")))
-    run["trainable_parameters"] = summary["trainable_parameters"]
-    run["status"] = "ok"
-    if method == "lorasb":
-        run["energy"] = read_init_metadata(os.path.join(REPO, out, "lorasb_init.safetensors"))["energy"]
-    log(f"  {method} lr={lr:g} seed={seed}: final loss {run['final_loss']:.4f}, "
-        f"{run['trainable_parameters']:,} trained, {seconds:.0f}s")
-    return run
 
-
-def evaluate(run: dict, model: str, test_path: str, args) -> None:
-    out = os.path.join(run["output_dir"], "eval")
-    log_path = rel(os.path.join(args.workdir, "logs", f"eval_{os.path.basename(run['output_dir'])}.log"))
-    rc, seconds, cmd = launch("launch/evaluate.py", [
-        "--task", "gsm8k", "--data", test_path, "--adapter", os.path.join(run["output_dir"], "adapter"),
-        "--model", model, "--out", out, "--max_new_tokens", str(args.max_new_tokens),
-        "--batch_size", str(args.eval_batch)], args.nproc, log_path)
-    run.update(eval_rc=rc, eval_seconds=round(seconds, 1), eval_log=log_path, eval_command=shlex.join(cmd[2:]))
-    if rc != 0:
-        run["status"] = "eval failed"
-        log(f"  eval of {os.path.basename(run['output_dir'])}: exit {rc}; log {log_path}\n{tail(log_path, 8)}")
-        return
-    s = json.load(open(os.path.join(REPO, out, "summary.json")))
-    run.update(accuracy_strict=s["accuracy_strict"], accuracy_flexible=s["accuracy_flexible"],
-               correct_strict=s["correct_strict"], correct_flexible=s["correct_flexible"], eval_rows=s["rows"],
-               no_prediction_strict=s["no_prediction_strict"])
-    gens = [json.loads(line) for line in open(os.path.join(REPO, out, "generations.jsonl"))]
-    run["sample_generations"] = [{"gold": g["gold"], "generation": g["generation"]} for g in gens[:3]]
-    log(f"  eval {os.path.basename(run['output_dir'])}: strict {s['accuracy_strict']:.3f}, "
-        f"flexible {s['accuracy_flexible']:.3f} ({s['rows']} rows, {seconds:.0f}s)")
+    def evaluate(self, run: dict, split: str) -> dict | None:
+        """Score ``run`` (or the base model when ``run["method"] == "base"``) on ``split``; cached in the run's
+        record under ``split``. Returns the summary, or None when the evaluation failed."""
+        if split in run:
+            return run[split]
+        a = self.args
+        rows = a.val_rows if split == "validation" else a.test_rows
+        out = rel(os.path.join(a.workdir, "eval", f"{run['name']}_{split}"))
+        args = ["--task", "gsm8k", "--data", self.split[split], "--model", self.model, "--out", out,
+                "--prompt_template", "chat", "--max_new_tokens", str(a.max_new_tokens),
+                "--batch_size", str(a.eval_batch), "--limit", str(rows)]
+        if run["method"] != "base":
+            args += ["--adapter", os.path.join(run["output_dir"], "adapter")]
+        log_path = os.path.join(a.workdir, "logs", f"eval_{run['name']}_{split}.log")
+        rc, seconds = launch("launch/evaluate.py", args, a.nproc, log_path)
+        if rc != 0:
+            log(f"  eval {run['name']} on {split}: exit {rc}; log {rel(log_path)}\n{tail(log_path)}")
+            return None
+        s = json.load(open(os.path.join(REPO, out, "summary.json")))
+        gens = [json.loads(line) for line in open(os.path.join(REPO, out, "generations.jsonl"))]
+        run[split] = {"strict": s["accuracy_strict"], "flexible": s["accuracy_flexible"], "rows": s["rows"],
+                      "seconds": round(seconds, 1), "samples": [{"gold": g["gold"], "generation": g["generation"]}
+                                                                for g in gens[:3]]}
+        self.store(run)
+        log(f"  eval {run['name']} on {split}: strict {s['accuracy_strict']:.3f}, flexible "
+            f"{s['accuracy_flexible']:.3f} ({s['rows']} rows, {seconds:.0f} s)")
+        return run[split]
 
 
 # --------------------------------------------------------------------------- report
@@ -251,37 +256,93 @@ def mean_std(values: list[float]) -> tuple[float, float | None]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
 
 
-def fmt(values: list[float], digits: int, percent: bool = False) -> str:
+def fmt(values: list[float], digits: int, scale: float = 1.0) -> str:
     if not values:
         return "n/a"
-    scale = 100.0 if percent else 1.0
     m, s = mean_std([v * scale for v in values])
-    text = f"{m:.{digits}f}"
-    return text + (f" ± {s:.{digits}f}" if s is not None else "")
+    return f"{m:.{digits}f}" + (f" ± {s:.{digits}f}" if s is not None else "")
 
 
-def table(results: list[dict]) -> str:
-    lora = next((r["trainable"] for r in results if r["method"] == "lora" and r["trainable"]), None)
-    lines = ["| method | r | trainable params | vs LoRA | best lr | seeds | strict acc % | flexible acc % | "
-             "final loss |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in results:
-        ratio = f"{r['trainable'] / lora:.3g}x" if lora and r["trainable"] else "n/a"
-        r_text = "-" if r["method"] == "full" else str(r["r"])
-        trainable = f"{r['trainable']:,}" if r["trainable"] else "n/a"
-        lines.append(f"| {r['method']} | {r_text} | {trainable} | {ratio} | {r['lr']:g} | {len(r['strict'])} | "
-                     f"{fmt(r['strict'], 1, True)} | {fmt(r['flexible'], 1, True)} | {fmt(r['final_loss'], 4)} |")
+def choose(runs: list[dict]) -> dict | None:
+    """The sweep's winner on validation: strict accuracy, then flexible, then the lower final loss."""
+    scored = [r for r in runs if r.get("status") == "ok" and r.get("validation")]
+    if not scored:
+        return None
+    return max(scored, key=lambda r: (r["validation"]["strict"], r["validation"]["flexible"], -r["final_loss"]))
+
+
+def results_table(rows: list[dict]) -> str:
+    lora = next((r["trainable"] for r in rows if r["method"] == "lora" and r.get("trainable")), None)
+    lines = ["| method | r | trained numbers | vs LoRA | optimizer state | lr | seeds | strict % | flexible % | "
+             "final loss | wall s / run |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["method"] == "base":
+            lines.append(f"| {LABELS['base']} | – | 0 | – | – | – | – | {fmt(r['strict'], 1, 100)} | "
+                         f"{fmt(r['flexible'], 1, 100)} | – | – |")
+            continue
+        t = r.get("trainable")
+        ratio = f"{t / lora:.3g}×" if t and lora else "n/a"
+        state = f"{r['optimizer_state_bytes'] / 2**20:,.1f} MiB" if t else "n/a"
+        lines.append(f"| {LABELS[r['method']]} | {r['r'] or '–'} | {f'{t:,}' if t else 'n/a'} | {ratio} | {state} | "
+                     f"{r['lr']:g} | {len(r['strict'])} | {fmt(r['strict'], 1, 100)} | {fmt(r['flexible'], 1, 100)} | "
+                     f"{fmt(r['final_loss'], 4)} | {fmt(r['seconds'], 0)} |")
     return "\n".join(lines)
 
 
-def sweep_table(sweeps: dict[str, list[dict]]) -> str:
-    lines = ["| method | lr | final loss (first seed) | chosen |", "|---|---|---|---|"]
+def sweep_table(sweeps: dict[str, list[dict]], chosen: dict[str, dict]) -> str:
+    lines = ["| method | lr | validation strict % | validation flexible % | final loss | chosen |",
+             "|---|---|---|---|---|---|"]
     for method, runs in sweeps.items():
-        ok = [r for r in runs if r["status"] == "ok"]
-        best = min(ok, key=lambda r: r["final_loss"]) if ok else None
         for r in runs:
-            loss = f"{r['final_loss']:.4f}" if r["status"] == "ok" else r["status"]
-            lines.append(f"| {method} | {r['lr']:g} | {loss} | {'yes' if r is best else ''} |")
+            v = r.get("validation")
+            cells = (f"{100 * v['strict']:.1f} | {100 * v['flexible']:.1f}" if v else "n/a | n/a")
+            loss = f"{r['final_loss']:.4f}" if r.get("status") == "ok" else r.get("status", "pending")
+            lines.append(f"| {LABELS[method]} | {r['lr']:g} | {cells} | {loss} | "
+                         f"{'yes' if chosen.get(method) is r else ''} |")
     return "\n".join(lines)
+
+
+def early_lead(curves_by_method: dict[str, list[list]], upto: int = 10) -> dict[str, float]:
+    """Mean training loss over steps 1..``upto`` per method (mean over its seeds' curves)."""
+    out = {}
+    for method, curves in curves_by_method.items():
+        values = [loss for c in curves for step, loss in c if step <= upto]
+        if values:
+            out[method] = statistics.fmean(values)
+    return out
+
+
+def claims(rows: dict[str, dict], early: dict[str, float]) -> list[str]:
+    """The plain statements (i)-(iii), each with its numbers, or why it cannot be said yet."""
+    def acc(m):
+        return statistics.fmean(rows[m]["strict"]) * 100 if m in rows and rows[m]["strict"] else None
+
+    def spread(m):
+        return statistics.stdev(rows[m]["strict"]) * 100 if m in rows and len(rows[m]["strict"]) > 1 else None
+
+    out = []
+    sb, xs, lora = acc("lorasb"), acc("loraxs"), acc("lora")
+    if sb is None or xs is None:
+        out.append("(i) LoRA-SB vs LoRA-XS at the same trained count: not measured yet.")
+    else:
+        out.append(f"(i) LoRA-SB ≥ LoRA-XS at the same trained count: {'yes' if sb >= xs else 'no'} "
+                   f"(strict {sb:.1f}% ± {spread('lorasb') or 0:.1f} against {xs:.1f}% ± {spread('loraxs') or 0:.1f}).")
+    if sb is None or lora is None:
+        out.append("(ii) LoRA-SB vs LoRA r = 32: not measured yet.")
+    else:
+        fewer = rows["lora"]["trainable"] / rows["lorasb"]["trainable"]
+        ok = sb >= lora - 1.0 and fewer >= 5
+        out.append(f"(ii) LoRA-SB within 1 point of LoRA r = 32 or above it, with ≥ 5× fewer trained numbers: "
+                   f"{'yes' if ok else 'no'} (strict {sb:.1f}% against {lora:.1f}%, {fewer:.1f}× fewer).")
+    if "lorasb" in early and len(early) > 1:
+        others = {m: v for m, v in early.items() if m != "lorasb"}
+        leads = all(early["lorasb"] < v for v in others.values())
+        text = ", ".join(f"{LABELS[m]} {v:.3f}" for m, v in others.items())
+        out.append(f"(iii) LoRA-SB's loss leads early (mean loss of steps 1-10): {'yes' if leads else 'no'} "
+                   f"(LoRA-SB {early['lorasb']:.3f}; {text}).")
+    else:
+        out.append("(iii) LoRA-SB's early loss: not measured yet.")
+    return out
 
 
 def machine() -> dict:
@@ -289,13 +350,7 @@ def machine() -> dict:
 
     return {"cpu": common.cpu_name(), "cores": os.cpu_count(), "platform": platform.platform(),
             "python": platform.python_version(), "torch": version("torch"), "deepspeed": version("deepspeed"),
-            "transformers": version("transformers"), "accelerator": "cuda" if torch.cuda.is_available() else "cpu",
-            "date": time.strftime("%Y-%m-%d %H:%M %Z")}
-
-
-def machine_line(m: dict) -> str:
-    return (f"{m['cpu']} ({m['cores']} cores), {m['accelerator']}; {m['platform']}; Python {m['python']}, "
-            f"torch {m['torch']}, deepspeed {m['deepspeed']}, transformers {m['transformers']}; {m['date']}")
+            "transformers": version("transformers"), "accelerator": "cuda" if torch.cuda.is_available() else "cpu"}
 
 
 # --------------------------------------------------------------------------- main
@@ -304,101 +359,98 @@ def machine_line(m: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    if args.quick:
+        args.methods, args.seeds, args.steps = "lorasb,lora", args.seeds.split(",")[0], min(args.steps, 4)
+        args.est_samples, args.val_rows, args.test_rows = args.est_samples or 6, 4, args.test_rows or 8
+        args.max_new_tokens = min(args.max_new_tokens, 32)
+        args.lr = args.lr or ["lorasb=3e-3", "lora=1e-3"]
+    quick_dir = os.path.join(REPO, "outputs", "quality-quick")
+    args.workdir = args.workdir or (quick_dir if args.quick else os.path.join(REPO, "outputs", "quality"))
+    args.results = args.results or (os.path.join(quick_dir, "results") if args.quick else
+                                    os.path.join(REPO, "bench", "results", "quality"))
     started = time.time()
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    bad = [m for m in methods if m not in METHODS]
-    if bad or not methods:
-        raise SystemExit(f"--methods: unknown {bad}; choose from {', '.join(METHODS)}")
-    lrs = {m: list(SWEEP_LR[m] if args.full else [DEFAULT_LR[m]]) for m in methods}
-    lrs.update({m: v for m, v in parse_lrs(args.lr).items() if m in methods})
-    seeds = [int(s) for s in (args.seeds or ("1,2,3" if args.full else "1")).split(",") if s.strip()]
-    args.workdir = os.path.abspath(args.workdir)
-    os.makedirs(args.workdir, exist_ok=True)
+    if not methods or any(m not in METHODS for m in methods):
+        raise SystemExit(f"--methods {args.methods}: choose from {', '.join(METHODS)}")
+    if not os.path.isfile(os.path.join(args.model, "config.json")):
+        raise SystemExit(f"--model {rel(args.model)}: no model there; write it once with "
+                         f"`lorasb fetch smollm2-135m-instruct --out {rel(args.model)}`")
+    lrs = {m: SWEEP_LR[m] for m in methods} | {m: v for m, v in parse_lrs(args.lr).items() if m in methods}
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    args.workdir, args.results = os.path.abspath(args.workdir), os.path.abspath(args.results)
     command = shlex.join(["python", "bench/quality.py", *argv])
     log(f"[quality] {command}")
+    study = Study(args)
+    log(f"[quality] model {study.model}; data {rel(args.data)}; {args.steps} steps per run; seeds {seeds}; lrs {lrs}")
 
-    model = os.path.abspath(args.model)
-    pretrain_summary = None
-    if args.pretrain_steps:
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-        from pretrain import pretrain
-
-        model = os.path.join(args.workdir, "model")
-        pretrain_summary = pretrain(model, steps=args.pretrain_steps, log_every=max(1, args.pretrain_steps // 5),
-                                    corpus_size=min(300_000, 2000 * args.pretrain_steps))
-    elif not os.path.isfile(os.path.join(model, "config.json")):
-        raise SystemExit(f"--model {args.model}: no pretrained model there (config.json missing)")
-    model_arg = rel(model)
-
-    test, dropped = test_rows(args.eval_rows, args.test_seed, args.train_rows, seeds)
-    test_path = rel(os.path.join(args.workdir, "gsm8k_test.jsonl"))
-    with open(os.path.join(REPO, test_path), "w") as f:
-        for row in test:
-            f.write(json.dumps(row) + "\n")
-    log(f"[quality] model {model_arg}; test set {len(test)} rows (seed {args.test_seed}; {dropped} left out as "
-        f"training questions); {args.steps} steps per run; seeds {seeds}; lrs {lrs}")
-
-    runs, sweeps, results = [], {}, []
+    rows, sweeps, chosen, failed = {}, {}, {}, []
+    if not args.no_base:
+        base = study.cached("base") or {"name": "base", "key": study.key, "method": "base"}
+        log("[quality] base model, zero-shot")
+        test = study.evaluate(base, "test")
+        rows["base"] = {"method": "base", "strict": [test["strict"]] if test else [],
+                        "flexible": [test["flexible"]] if test else []}
+        failed += [] if test else ["base"]
     for method in methods:
-        log(f"[quality] {method}")
-        first = [train(method, lr, seeds[0], model_arg, args) for lr in lrs[method]]
-        runs += first
-        ok = [r for r in first if r["status"] == "ok"]
-        if len(lrs[method]) > 1:
-            sweeps[method] = first
-        if not ok:
-            results.append({"method": method, "r": rank_of(method, args), "lr": lrs[method][0], "trainable": None,
-                            "strict": [], "flexible": [], "final_loss": [], "runs": []})
+        log(f"[quality] {method}: sweep {lrs[method]} on seed {seeds[0]}")
+        sweep = [study.train(method, lr, seeds[0]) for lr in lrs[method]]
+        for run in sweep:
+            if run["status"] == "ok" and study.evaluate(run, "validation") is None:
+                failed.append(run["name"])
+        sweeps[method] = sweep
+        best = choose(sweep) if len(sweep) > 1 else next((r for r in sweep if r["status"] == "ok"), None)
+        if best is None:
+            failed += [r["name"] for r in sweep if r["status"] == "failed"]
             continue
-        best = min(ok, key=lambda r: r["final_loss"])
-        kept = [best] + [train(method, best["lr"], s, model_arg, args) for s in seeds[1:]]
-        runs += kept[1:]
+        chosen[method] = best
+        kept = [best] + [study.train(method, best["lr"], s) for s in seeds[1:]]
         for run in kept:
-            if run["status"] == "ok":
-                evaluate(run, model_arg, test_path, args)
-        evaluated = [r for r in kept if "accuracy_strict" in r]
-        results.append({"method": method, "r": rank_of(method, args), "lr": best["lr"],
-                        "trainable": best["trainable_parameters"],
-                        "strict": [r["accuracy_strict"] for r in evaluated],
-                        "flexible": [r["accuracy_flexible"] for r in evaluated],
-                        "final_loss": [r["final_loss"] for r in kept if "final_loss" in r],
-                        "runs": [os.path.basename(r["output_dir"]) for r in kept]})
+            if run["status"] == "ok" and study.evaluate(run, "test") is None:
+                failed.append(run["name"])
+        failed += [r["name"] for r in kept if r["status"] == "failed"]
+        done = [r for r in kept if r.get("test")]
+        rows[method] = {"method": method, "r": RANKS[method], "lr": best["lr"], "trainable": best["trainable"],
+                        "optimizer_state_bytes": best["optimizer_state_bytes"],
+                        "strict": [r["test"]["strict"] for r in done], "flexible": [r["test"]["flexible"] for r in done],
+                        "final_loss": [r["final_loss"] for r in kept if r["status"] == "ok"],
+                        "seconds": [r["train_seconds"] for r in kept if r["status"] == "ok"],
+                        "runs": [r["name"] for r in kept], "curves": [r["curve"] for r in kept if r["status"] == "ok"]}
 
+    early = early_lead({m: r["curves"] for m, r in rows.items() if m != "base"})
+    table = results_table(list(rows.values()))
+    statements = claims(rows, early)
+    test_rows = args.test_rows or sum(1 for _ in open(study.split["test"]))
     m = machine()
-    seconds = time.time() - started
-    report = table(results)
-    log("")
-    log(f"Quality study: {len(test)} held-out problems, {args.steps} steps per run (global batch "
-        f"{_global_batch(args.nproc)}), {args.nproc} processes, ZeRO-3; accuracy and final loss: mean ± sample "
-        f"std over seeds {seeds}")
+    header = (f"Quality study on {study.model}: {test_rows} held-out test problems (unseen templates and names), "
+              f"{args.steps} steps per run, global batch {_global_batch(args.nproc)}, {args.nproc} processes, "
+              f"ZeRO-3, fp32; lr chosen on {args.val_rows} validation problems; mean ± sample std over seeds "
+              f"{seeds}")
+    report = "\n\n".join([header, table, "Learning-rate sweep (seed %d):" % seeds[0], sweep_table(sweeps, chosen),
+                          "\n".join(statements),
+                          f"Machine: {m['cpu']} ({m['cores']} cores), {m['accelerator']}; Python {m['python']}, torch "
+                          f"{m['torch']}, deepspeed {m['deepspeed']}, transformers {m['transformers']}",
+                          f"Command: {command}; this sitting: {(time.time() - started) / 60:.1f} min"])
     log("")
     log(report)
-    if sweeps:
-        log("")
-        log("Learning-rate sweep (seed %d; the lowest final loss is chosen):" % seeds[0])
-        log("")
-        log(sweep_table(sweeps))
-    log("")
-    log(f"Machine: {machine_line(m)}")
-    log(f"Command: {command}")
-    log(f"Wall time: {seconds / 60:.1f} min")
-    if args.json:
-        payload = {"command": command, "machine": m, "seconds": round(seconds, 1),
-                   "settings": {k: v for k, v in vars(args).items() if k != "json"} | {
-                       "seeds": seeds, "lrs": lrs, "model": model_arg, "workdir": rel(args.workdir)},
-                   "test_set": {"path": test_path, "rows": len(test), "seed": args.test_seed,
-                                "left_out_as_training_questions": dropped},
-                   "pretrain": pretrain_summary, "results": results, "runs": runs, "table": report,
-                   "sweep_table": sweep_table(sweeps) if sweeps else None}
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(payload, f, indent=1)
-        log(f"[quality] written to {args.json}")
-    # a run that diverged is an outcome of the sweep; one that crashed (training or evaluation) is not
-    crashed = [r for r in runs if r["status"] in ("failed", "eval failed")]
-    if crashed:
-        log(f"[quality] {len(crashed)} run(s) failed: " + ", ".join(os.path.basename(r["output_dir"]) for r in crashed))
-    return 1 if crashed else 0
+    os.makedirs(args.results, exist_ok=True)
+    payload = {"command": command, "machine": m, "settings": study.key | {"seeds": seeds, "lrs": lrs},
+               "rows": rows, "chosen": {k: v["name"] for k, v in chosen.items()},
+               "sweeps": {k: [r["name"] for r in v] for k, v in sweeps.items()},
+               "energy": next((r.get("energy") for r in [chosen.get("lorasb")] if r), None),
+               "early_loss": early, "claims": statements, "table": table}
+    for name, text in (("quality.json", json.dumps(payload, indent=1)), ("quality.md", report + "\n")):
+        with open(os.path.join(args.results, name), "w") as f:
+            f.write(text)
+    try:
+        import plot  # bench/plot.py; needs matplotlib (the bench extra)
+
+        log(f"[quality] figure: {rel(plot.plot(payload, os.path.join(args.results, 'quality.png')))}")
+    except ImportError as e:
+        log(f"[quality] no figure ({e}); pip install -e '.[bench]'")
+    log(f"[quality] written to {rel(args.results)}")
+    if failed:
+        log(f"[quality] {len(failed)} run(s) failed: {', '.join(failed)}")
+    return 1 if failed else 0
 
 
 def _global_batch(nproc: int) -> int:

@@ -1,5 +1,5 @@
-"""The quality study (bench/quality.py, bench/plot.py) end to end at toy size, and the shipped
-pretrained built-in model (lorasb_ds/assets/tiny-llama)."""
+"""The quality study (bench/quality.py --quick, bench/plot.py) end to end on the real SmolLM2, and the
+shipped pretrained built-in model (lorasb_ds/assets/tiny-llama)."""
 
 import json
 import os
@@ -14,53 +14,36 @@ from lorasb_ds.modeling import TINY_LLAMA_DIR as MODEL
 
 
 @pytest.mark.slow
-def test_quality_study_trains_evaluates_tabulates_and_plots(tmp_path):
-    """Pretraining for a few steps, two methods through the real launcher and `lorasb eval`, the table,
-    the JSON and the figure."""
-    work, result = tmp_path / "quality", tmp_path / "quality.json"
-    proc = run_command([sys.executable, "bench/quality.py", "--pretrain_steps", "3", "--methods", "lorasb,lora",
-                        "--lr", "lorasb=5e-3", "--lr", "lora=5e-3", "--seeds", "7", "--steps", "2",
-                        "--train_rows", "48", "--est_samples", "6", "--eval_rows", "4", "--max_new_tokens", "4",
-                        "--nproc", "1", "--workdir", str(work), "--json", str(result)], timeout=300)
-    out = proc.stdout
-    # 4 layers x 7 targets; r = 32 for LoRA-SB (r^2 each), r = 8 for LoRA (8 (in + out) each)
-    assert "| lorasb | 32 | 28,672 | 0.368x | 0.005 | 1 |" in out
-    assert "| lora | 8 | 77,824 | 1x | 0.005 | 1 |" in out
-    assert "Machine: " in out and "Command: python bench/quality.py --pretrain_steps 3" in out
-
-    data = json.loads(result.read_text())
-    assert [r["method"] for r in data["results"]] == ["lorasb", "lora"]
-    assert data["test_set"]["rows"] == 4 and data["pretrain"]["steps"] == 3
-    runs = {r["method"]: r for r in data["runs"]}
-    for run in runs.values():
-        assert run["status"] == "ok" and [s for s, _ in run["curve"]] == [1, 2]
-        assert 0.0 <= run["accuracy_strict"] <= 1.0 and 0.0 <= run["accuracy_flexible"] <= 1.0
-        assert run["eval_rows"] == 4
-    assert len(runs["lorasb"]["energy"]) == 28
-    energies = runs["lorasb"]["energy"].values()
-    assert all(0.0 <= e <= 1.0 + 1e-3 for e in energies), sorted(energies)
-    rows = [json.loads(line) for line in open(work / "gsm8k_test.jsonl")]
-    assert len(rows) == 4 and all("\n#### " in r["answer"] for r in rows)
-
-    png = tmp_path / "quality.png"
-    run_command([sys.executable, "bench/plot.py", "--json", str(result), "--out", str(png)], timeout=120)
+def test_quick_study_trains_evaluates_caches_tabulates_and_plots(smollm_dir, tmp_path):
+    """Two methods through the real launcher and `lorasb eval`, the base-model row, the table, the claims,
+    the JSON and the figure; a rerun reads every run from the cache."""
+    results, work = tmp_path / "results", tmp_path / "work"
+    cmd = [sys.executable, "bench/quality.py", "--quick", "--model", str(smollm_dir), "--workdir", str(work),
+           "--results", str(results)]
+    out = run_command(cmd, timeout=900).stdout
+    # 210 targets: r = 96 for LoRA-SB (96^2 each); LoRA r = 32 trains 32 (in + out) per target
+    assert "| LoRA-SB | 96 | 1,935,360 | 0.198× | 22.1 MiB | 0.003 | 1 |" in out
+    assert "| LoRA | 32 | 9,768,960 | 1× | 111.8 MiB | 0.001 | 1 |" in out
+    assert "| base model, zero-shot | – | 0 |" in out
+    assert "(ii) LoRA-SB within 1 point of LoRA r = 32" in out and "5.0× fewer" in out
+    data = json.loads((results / "quality.json").read_text())
+    assert set(data["rows"]) == {"base", "lorasb", "lora"}
+    for method in ("lorasb", "lora"):
+        row = data["rows"][method]
+        assert [s for s, _ in row["curves"][0]] == [1, 2, 3, 4] and len(row["strict"]) == 1
+        assert 0.0 <= row["strict"][0] <= 1.0 and 0.0 <= row["flexible"][0] <= 1.0
+    assert len(data["energy"]) == 210 and all(0.0 < e <= 1.0 + 1e-4 for e in data["energy"].values())
+    run = json.loads((results / "runs" / "lorasb_lr0.003_seed1.json").read_text())
+    assert run["validation"]["rows"] == 4 and run["test"]["rows"] == 8
+    gens = [json.loads(line) for line in open(work / "eval" / "lorasb_lr0.003_seed1_test" / "generations.jsonl")]
+    assert all(g["prompt"].startswith("<|im_start|>system") and g["prompt"].endswith("<|im_start|>assistant\n")
+               for g in gens)  # the chat template, as in training
+    png = results / "quality.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
-
-def test_test_set_leaves_out_training_questions():
-    sys.path.insert(0, os.path.join(REPO, "bench"))
-    from quality import test_rows
-
-    from lorasb_ds.data import synthetic_math_rows
-
-    train = {r["query"] for r in synthetic_math_rows(300, 5)}
-    # the training seed itself: its first 300 questions are all training questions, so all are left out
-    rows, dropped = test_rows(50, 5, 300, [5])
-    assert len(rows) == 50 and dropped >= 300 and not any(r["question"] in train for r in rows)
-    assert len({r["question"] for r in rows}) == 50
-    rows, _ = test_rows(50, 11, 300, [5])
-    assert len(rows) == 50 and not any(r["question"] in train for r in rows)
-    assert all(r["answer"].rsplit("\n#### ", 1)[1].isdigit() for r in rows)
+    again = run_command(cmd, timeout=300).stdout  # every run cached: nothing trains or evaluates again
+    assert again.count(": cached") == 2 and "  eval " not in again
+    assert json.loads((results / "quality.json").read_text())["table"] == data["table"]
 
 
 def test_shipped_model_loads_and_its_tokenizer_round_trips():
