@@ -177,10 +177,10 @@ class Study:
             json.dump(run, f, indent=1)
         os.replace(path + ".tmp", path)
 
-    def train(self, method: str, lr: float, seed: int) -> dict:
-        """Train one run (or read it from the cache); returns its record."""
+    def train(self, method: str, lr: float, seed: int, again: bool = False) -> dict:
+        """Train one run (or read it from the cache, unless ``again``); returns its record."""
         name = f"{method}_lr{lr:g}_seed{seed}"
-        run = self.cached(name)
+        run = None if again else self.cached(name)
         if run is not None and "train_rc" in run:
             log(f"  {name}: cached (final loss {run.get('final_loss')})")
             return run
@@ -226,6 +226,16 @@ class Study:
         if split in run:
             return run[split]
         a = self.args
+        if run["method"] != "base" and not os.path.isdir(os.path.join(REPO, run["output_dir"], "adapter")):
+            # a run cached in an earlier sitting whose outputs are gone (another machine): train it again
+            log(f"  {run['name']}: its adapter is gone; training it again to score it on {split}")
+            fresh = self.train(run["method"], run["lr"], run["seed"], again=True)
+            fresh.update({k: run[k] for k in ("validation", "test") if k in run})
+            run.clear()
+            run.update(fresh)  # in place: the caller's record is this one
+            self.store(run)
+            if run["status"] != "ok":
+                return None
         rows = a.val_rows if split == "validation" else a.test_rows
         out = rel(os.path.join(a.workdir, "eval", f"{run['name']}_{split}"))
         args = ["--task", "gsm8k", "--data", self.split[split], "--model", self.model, "--out", out,

@@ -114,3 +114,24 @@ def test_the_builtin_model_saved_and_loaded_partitioned_trains_the_same(first_ru
     builtin = [r["loss"] for r in metrics(first_run[0]) if "step" in r]
     loaded = [r["loss"] for r in metrics(tmp_path / "run") if "step" in r]
     assert loaded == pytest.approx(builtin, rel=1e-6)
+
+
+def test_init_scale_bench_rescales_the_runs_R0(first_run):
+    """bench/init_scale.py on the run's init file: the row of the run's own lr_eff holds its R0 (sum of
+    ||R0||_F over modules, as ||B R0 A||_F with orthonormal B, A), lr_eff 0 is the base model, and the
+    norm is proportional to lr_eff."""
+    from safetensors.torch import load_file
+
+    from lorasb_ds.init import read_init_metadata
+
+    out, _ = first_run
+    init = os.path.join(out, "lorasb_init.safetensors")
+    lr_eff = float(read_init_metadata(init)["lr_eff"])
+    proc = run_command([sys.executable, "bench/init_scale.py", "--init", init, "--rows", "8",
+                        "--lr_eff", f"0,{lr_eff!r},{2 * lr_eff!r}"], timeout=300)
+    rows = [line.split("|")[1:4] for line in proc.stdout.splitlines() if line.startswith("| ") and "---" not in line]
+    assert [r[0].strip() for r in rows[1:]] == ["0 (base model)", f"{lr_eff:g} (this run)", f"{2 * lr_eff:g}"]
+    norms = [float(r[2]) for r in rows[1:]]
+    expected = sum(float(t.norm()) for k, t in load_file(init).items() if k.endswith(".lora_R"))
+    assert norms[0] == 0.0 and abs(norms[1] - expected) < 1e-3 and abs(norms[2] - 2 * expected) < 2e-3
+    assert all(float(r[1]) > 0 for r in rows[1:])

@@ -3,6 +3,7 @@ shipped pretrained built-in model (lorasb_ds/assets/tiny-llama)."""
 
 import json
 import os
+import shutil
 import sys
 
 import pytest
@@ -44,6 +45,19 @@ def test_quick_study_trains_evaluates_caches_tabulates_and_plots(smollm_dir, tmp
     again = run_command(cmd, timeout=300).stdout  # every run cached: nothing trains or evaluates again
     assert again.count(": cached") == 2 and "  eval " not in again
     assert json.loads((results / "quality.json").read_text())["table"] == data["table"]
+
+    # a cached run still to be scored whose outputs are gone (another machine) is trained again, to the
+    # same loss curve, and scored
+    record = results / "runs" / "lora_lr0.001_seed1.json"
+    cached = json.loads(record.read_text())
+    del cached["test"]
+    record.write_text(json.dumps(cached))
+    shutil.rmtree(work / "runs" / "lora_lr0.001_seed1")
+    third = run_command(cmd, timeout=600).stdout
+    assert "lora_lr0.001_seed1: its adapter is gone; training it again to score it on test" in third
+    assert "eval lora_lr0.001_seed1 on test" in third and "eval lorasb" not in third
+    rescored = json.loads(record.read_text())
+    assert rescored["curve"] == cached["curve"] and rescored["test"]["rows"] == 8
 
 
 def test_shipped_model_loads_and_its_tokenizer_round_trips():
