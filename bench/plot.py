@@ -14,8 +14,10 @@ import os
 import statistics
 import sys
 
-COLORS = {"base": "tab:green", "lorasb": "tab:red", "loraxs": "tab:orange", "lora": "tab:blue", "full": "tab:gray"}
-LABELS = {"base": "base, zero-shot", "lorasb": "LoRA-SB", "loraxs": "LoRA-XS", "lora": "LoRA", "full": "full FT"}
+COLORS = {"base": "tab:green", "lorasb": "tab:red", "loraxs": "tab:orange", "lora": "tab:blue", "full": "tab:gray",
+          "lorasb_lr_eff": "tab:purple"}
+LABELS = {"base": "base, zero-shot", "lorasb": "LoRA-SB", "loraxs": "LoRA-XS", "lora": "LoRA", "full": "full FT",
+          "lorasb_lr_eff": "LoRA-SB, lr_eff 1e-4"}
 MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 

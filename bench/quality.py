@@ -54,12 +54,17 @@ sys.path.insert(0, REPO)
 
 import common  # noqa: E402  (bench/common.py)
 
-METHODS = ("lorasb", "lora", "loraxs", "full")  # the order of the study: the key comparisons first
+METHODS = ("lorasb", "lora", "loraxs", "full")  # the default study, in its order: the key comparisons first
+# Rows beyond the default study (--methods names them): row -> (lorasb.method, extra run-config overrides).
+# lorasb_lr_eff: LoRA-SB with its first step set apart from R's learning rate, at the scale where the
+# step-0 loss is lowest on training examples (bench/init_scale.py: 1e-4 on SmolLM2).
+VARIANTS = {"lorasb_lr_eff": ("lorasb", ["lorasb.lr_eff=1e-4"])}
+ROWS = (*METHODS, *VARIANTS)
 LABELS = {"base": "base model, zero-shot", "lorasb": "LoRA-SB", "loraxs": "LoRA-XS", "lora": "LoRA",
-          "full": "full fine-tuning"}
-RANKS = {"lorasb": 96, "loraxs": 96, "lora": 32, "full": 0}
+          "full": "full fine-tuning", "lorasb_lr_eff": "LoRA-SB, lr_eff 1e-4"}
+RANKS = {"lorasb": 96, "loraxs": 96, "lora": 32, "full": 0, "lorasb_lr_eff": 96}
 SWEEP_LR = {"lorasb": [1e-3, 3e-3, 1e-2], "loraxs": [1e-3, 3e-3, 1e-2], "lora": [3e-4, 1e-3, 3e-3],
-            "full": [1e-5, 3e-5, 1e-4]}
+            "full": [1e-5, 3e-5, 1e-4], "lorasb_lr_eff": [1e-3, 3e-3, 1e-2]}
 DEFAULT_MODEL = os.path.join(REPO, "models", "smollm2-135m-instruct")
 DATA_DIR = os.path.join(REPO, "data", "word_problems")
 RUN_CONFIG = os.path.join(REPO, "bench", "quality.yaml")
@@ -78,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="LoRA-SB and LoRA, one lr, one seed, 4 steps, 8 test rows: everything runs (≤ 10 min)")
     p.add_argument("--model", default=DEFAULT_MODEL, help="model directory (default: models/smollm2-135m-instruct)")
     p.add_argument("--data", default=DATA_DIR, help="folder with train/validation/test.jsonl (default: %(default)s)")
-    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated (default: %(default)s)")
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help=f"comma-separated rows of {', '.join(ROWS)} (default: %(default)s)")
     p.add_argument("--lr", action="append", default=[], metavar="METHOD=LR[,LR...]",
                    help="learning rates of a method (replaces its SWEEP_LR; repeatable)")
     p.add_argument("--seeds", default="1,2,3", help="train.seed values; the first runs the sweep (default: %(default)s)")
@@ -103,8 +109,8 @@ def parse_lrs(items: list[str]) -> dict[str, list[float]]:
     out = {}
     for item in items:
         method, sep, values = item.partition("=")
-        if not sep or method not in METHODS:
-            raise SystemExit(f"--lr {item!r}: expected METHOD=LR[,LR...] with METHOD in {', '.join(METHODS)}")
+        if not sep or method not in ROWS:
+            raise SystemExit(f"--lr {item!r}: expected METHOD=LR[,LR...] with METHOD in {', '.join(ROWS)}")
         out[method] = [float(v) for v in values.split(",") if v.strip()]
     return out
 
@@ -186,10 +192,12 @@ class Study:
             return run
         a = self.args
         out = rel(os.path.join(a.workdir, "runs", name))
-        overrides = [f"model.name_or_path={self.model}", f"lorasb.method={method}", f"train.lr={lr:g}",
+        lorasb_method, extra = VARIANTS.get(method, (method, []))
+        overrides = [f"model.name_or_path={self.model}", f"lorasb.method={lorasb_method}", f"train.lr={lr:g}",
                      f"train.seed={seed}", f"train.max_steps={a.steps}", f"data.path={self.split['train']}"]
         if RANKS[method]:
             overrides.append(f"lorasb.r={RANKS[method]}")
+        overrides += extra
         if a.est_samples:
             overrides.append(f"lorasb.est_samples={a.est_samples}")
         log_path = os.path.join(a.workdir, "logs", f"train_{name}.log")
@@ -212,7 +220,7 @@ class Study:
         run.update(status="ok", final_loss=statistics.fmean(loss for _, loss in curve[-max(1, len(curve) // 5):]),
                    trainable=summary["trainable_parameters"], estimation_seconds=summary.get("estimation_seconds"))
         run["optimizer_state_bytes"] = OPTIMIZER_BYTES_PER_TRAINED * run["trainable"]
-        if method == "lorasb":
+        if lorasb_method == "lorasb":
             from lorasb_ds.init import read_init_metadata
 
             run["energy"] = read_init_metadata(os.path.join(REPO, out, "lorasb_init.safetensors"))["energy"]
@@ -345,13 +353,18 @@ def claims(rows: dict[str, dict], early: dict[str, float]) -> list[str]:
         out.append(f"(ii) LoRA-SB within 1 point of LoRA r = 32 or above it, with ≥ 5× fewer trained numbers: "
                    f"{'yes' if ok else 'no'} (strict {sb:.1f}% against {lora:.1f}%, {fewer:.1f}× fewer).")
     if "lorasb" in early and len(early) > 1:
-        others = {m: v for m, v in early.items() if m != "lorasb"}
+        others = {m: v for m, v in early.items() if m in METHODS and m != "lorasb"}
         leads = all(early["lorasb"] < v for v in others.values())
         text = ", ".join(f"{LABELS[m]} {v:.3f}" for m, v in others.items())
         out.append(f"(iii) LoRA-SB's loss leads early (mean loss of steps 1-10): {'yes' if leads else 'no'} "
                    f"(LoRA-SB {early['lorasb']:.3f}; {text}).")
     else:
         out.append("(iii) LoRA-SB's early loss: not measured yet.")
+    for variant in VARIANTS:
+        v = acc(variant)
+        if v is not None:
+            lead = f", early loss {early[variant]:.3f}" if variant in early else ""
+            out.append(f"({LABELS[variant]}: strict {v:.1f}% ± {spread(variant) or 0:.1f}{lead}.)")
     return out
 
 
@@ -380,8 +393,8 @@ def main(argv: list[str] | None = None) -> int:
                                     os.path.join(REPO, "bench", "results", "quality"))
     started = time.time()
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    if not methods or any(m not in METHODS for m in methods):
-        raise SystemExit(f"--methods {args.methods}: choose from {', '.join(METHODS)}")
+    if not methods or any(m not in ROWS for m in methods):
+        raise SystemExit(f"--methods {args.methods}: choose from {', '.join(ROWS)}")
     if not os.path.isfile(os.path.join(args.model, "config.json")):
         raise SystemExit(f"--model {rel(args.model)}: no model there; write it once with "
                          f"`lorasb fetch smollm2-135m-instruct --out {rel(args.model)}`")

@@ -87,3 +87,25 @@ def test_shipped_model_loads_and_its_tokenizer_round_trips():
     with torch.no_grad():
         loss = model(**batch, labels=labels).loss.item()
     assert loss < 1.5, loss  # uniform over the vocabulary: ln 128 = 4.85
+
+
+def test_claims_follow_the_numbers():
+    """(i)-(iii) of the study's report, said from the rows they name, with the numbers; a variant row
+    is reported apart and never decides whether LoRA-SB leads."""
+    sys.path.insert(0, os.path.join(REPO, "bench"))
+    from quality import claims
+
+    rows = {"lorasb": {"strict": [0.50, 0.52], "trainable": 1_935_360},
+            "lora": {"strict": [0.53, 0.50], "trainable": 9_768_960},
+            "loraxs": {"strict": [0.40, 0.42], "trainable": 1_935_360},
+            "lorasb_lr_eff": {"strict": [0.6]}}
+    i, ii, iii, variant = claims(rows, {"lorasb": 0.5, "lora": 0.6, "loraxs": 0.7, "lorasb_lr_eff": 0.3})
+    assert i.startswith("(i) LoRA-SB ≥ LoRA-XS at the same trained count: yes (strict 51.0% ± 1.4 against 41.0%")
+    assert ii.startswith("(ii) LoRA-SB within 1 point of LoRA r = 32 or above it, with ≥ 5× fewer trained numbers: "
+                         "yes (strict 51.0% against 51.5%, 5.0× fewer)")
+    assert iii.startswith("(iii) LoRA-SB's loss leads early (mean loss of steps 1-10): yes")
+    assert variant == "(LoRA-SB, lr_eff 1e-4: strict 60.0% ± 0.0, early loss 0.300.)"
+    rows["lora"]["strict"] = [0.60, 0.60]  # 9 points above: (ii) fails
+    assert "yes" not in claims(rows, {})[1] and claims(rows, {})[2].endswith("not measured yet.")
+    del rows["loraxs"]
+    assert claims(rows, {})[0] == "(i) LoRA-SB vs LoRA-XS at the same trained count: not measured yet."
