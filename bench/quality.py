@@ -83,8 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="LoRA-SB and LoRA, one lr, one seed, 4 steps, 8 test rows: everything runs (≤ 10 min)")
     p.add_argument("--model", default=DEFAULT_MODEL, help="model directory (default: models/smollm2-135m-instruct)")
     p.add_argument("--data", default=DATA_DIR, help="folder with train/validation/test.jsonl (default: %(default)s)")
-    p.add_argument("--methods", default=",".join(METHODS),
-                   help=f"comma-separated rows of {', '.join(ROWS)} (default: %(default)s)")
+    p.add_argument("--methods", default=None,
+                   help=f"comma-separated rows of {', '.join(ROWS)} (default: {','.join(METHODS)}; --quick: "
+                        "lorasb,lora)")
     p.add_argument("--lr", action="append", default=[], metavar="METHOD=LR[,LR...]",
                    help="learning rates of a method (replaces its SWEEP_LR; repeatable)")
     p.add_argument("--seeds", default="1,2,3", help="train.seed values; the first runs the sweep (default: %(default)s)")
@@ -96,6 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval_batch", type=int, default=25, help="eval prompts per generate call per rank")
     p.add_argument("--nproc", type=int, default=2, help="processes per training / evaluation (default: %(default)s)")
     p.add_argument("--no_base", action="store_true", help="leave out the base model's zero-shot row")
+    p.add_argument("--report_only", action="store_true",
+                   help="train and evaluate nothing: report the cached runs; a row whose runs are not all done is "
+                        "left out and named")
+    p.add_argument("--write_docs", action="store_true",
+                   help="also put the report into README.md (table and claims) and bench/README.md (all of it)")
     p.add_argument("--workdir", default=None,
                    help="runs and logs (default: outputs/quality; --quick: outputs/quality-quick)")
     p.add_argument("--results", default=None,
@@ -190,6 +196,8 @@ class Study:
         if run is not None and "train_rc" in run:
             log(f"  {name}: cached (final loss {run.get('final_loss')})")
             return run
+        if self.args.report_only:
+            return {"name": name, "method": method, "lr": lr, "seed": seed, "status": "pending", "curve": []}
         a = self.args
         out = rel(os.path.join(a.workdir, "runs", name))
         lorasb_method, extra = VARIANTS.get(method, (method, []))
@@ -234,6 +242,8 @@ class Study:
         if split in run:
             return run[split]
         a = self.args
+        if a.report_only:
+            return None
         if run["method"] != "base" and not os.path.isdir(os.path.join(REPO, run["output_dir"], "adapter")):
             # a run cached in an earlier sitting whose outputs are gone (another machine): train it again
             log(f"  {run['name']}: its adapter is gone; training it again to score it on {split}")
@@ -383,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     if args.quick:
-        args.methods, args.seeds, args.steps = "lorasb,lora", args.seeds.split(",")[0], min(args.steps, 4)
+        args.methods, args.seeds, args.steps = args.methods or "lorasb,lora", args.seeds.split(",")[0], min(args.steps, 4)
         args.est_samples, args.val_rows, args.test_rows = args.est_samples or 6, 4, args.test_rows or 8
         args.max_new_tokens = min(args.max_new_tokens, 32)
         args.lr = args.lr or ["lorasb=3e-3", "lora=1e-3"]
@@ -392,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     args.results = args.results or (os.path.join(quick_dir, "results") if args.quick else
                                     os.path.join(REPO, "bench", "results", "quality"))
     started = time.time()
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = [m.strip() for m in (args.methods or ",".join(METHODS)).split(",") if m.strip()]
     if not methods or any(m not in ROWS for m in methods):
         raise SystemExit(f"--methods {args.methods}: choose from {', '.join(ROWS)}")
     if not os.path.isfile(os.path.join(args.model, "config.json")):
@@ -406,31 +416,37 @@ def main(argv: list[str] | None = None) -> int:
     study = Study(args)
     log(f"[quality] model {study.model}; data {rel(args.data)}; {args.steps} steps per run; seeds {seeds}; lrs {lrs}")
 
-    rows, sweeps, chosen, failed = {}, {}, {}, []
+    rows, sweeps, chosen, failed, pending = {}, {}, {}, [], []
     if not args.no_base:
         base = study.cached("base") or {"name": "base", "key": study.key, "method": "base"}
         log("[quality] base model, zero-shot")
         test = study.evaluate(base, "test")
-        rows["base"] = {"method": "base", "strict": [test["strict"]] if test else [],
-                        "flexible": [test["flexible"]] if test else []}
-        failed += [] if test else ["base"]
+        if test:
+            rows["base"] = {"method": "base", "strict": [test["strict"]], "flexible": [test["flexible"]]}
+        (pending if args.report_only else failed).extend([] if test else ["base"])
     for method in methods:
         log(f"[quality] {method}: sweep {lrs[method]} on seed {seeds[0]}")
         sweep = [study.train(method, lr, seeds[0]) for lr in lrs[method]]
         for run in sweep:
-            if run["status"] == "ok" and study.evaluate(run, "validation") is None:
+            if run["status"] == "ok" and study.evaluate(run, "validation") is None and not args.report_only:
                 failed.append(run["name"])
         sweeps[method] = sweep
-        best = choose(sweep) if len(sweep) > 1 else next((r for r in sweep if r["status"] == "ok"), None)
+        failed += [r["name"] for r in sweep if r["status"] == "failed"]
+        if any(r["status"] == "pending" or (r["status"] == "ok" and "validation" not in r) for r in sweep):
+            pending.append(method)
+            continue
+        best = choose(sweep)
         if best is None:
-            failed += [r["name"] for r in sweep if r["status"] == "failed"]
             continue
         chosen[method] = best
         kept = [best] + [study.train(method, best["lr"], s) for s in seeds[1:]]
         for run in kept:
-            if run["status"] == "ok" and study.evaluate(run, "test") is None:
+            if run["status"] == "ok" and study.evaluate(run, "test") is None and not args.report_only:
                 failed.append(run["name"])
         failed += [r["name"] for r in kept if r["status"] == "failed"]
+        if any(r["status"] == "pending" or (r["status"] == "ok" and "test" not in r) for r in kept):
+            pending.append(method)
+            continue
         done = [r for r in kept if r.get("test")]
         rows[method] = {"method": method, "r": RANKS[method], "lr": best["lr"], "trainable": best["trainable"],
                         "optimizer_state_bytes": best["optimizer_state_bytes"],
@@ -448,6 +464,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{args.steps} steps per run, global batch {_global_batch(args.nproc)}, {args.nproc} processes, "
               f"ZeRO-3, fp32; lr chosen on {args.val_rows} validation problems; mean ± sample std over seeds "
               f"{seeds}")
+    if pending:
+        header += f". Not finished yet, so left out: {', '.join(LABELS.get(m, m) for m in pending)}"
     report = "\n\n".join([header, table, "Learning-rate sweep (seed %d):" % seeds[0], sweep_table(sweeps, chosen),
                           "\n".join(statements),
                           f"Machine: {m['cpu']} ({m['cores']} cores), {m['accelerator']}; Python {m['python']}, torch "
@@ -460,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
                "rows": rows, "chosen": {k: v["name"] for k, v in chosen.items()},
                "sweeps": {k: [r["name"] for r in v] for k, v in sweeps.items()},
                "energy": next((r.get("energy") for r in [chosen.get("lorasb")] if r), None),
-               "early_loss": early, "claims": statements, "table": table}
+               "early_loss": early, "claims": statements, "table": table, "pending": pending}
     for name, text in (("quality.json", json.dumps(payload, indent=1)), ("quality.md", report + "\n")):
         with open(os.path.join(args.results, name), "w") as f:
             f.write(text)
@@ -471,9 +489,32 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError as e:
         log(f"[quality] no figure ({e}); pip install -e '.[bench]'")
     log(f"[quality] written to {rel(args.results)}")
+    if args.write_docs:
+        figure = rel(os.path.join(args.results, "quality.png"))
+        summary = "\n\n".join([header, table, "\n".join(statements)])
+        write_block(os.path.join(REPO, "README.md"), summary + f"\n\n![quality study]({figure})")
+        write_block(os.path.join(REPO, "bench", "README.md"),
+                    report + f"\n\n![quality study]({os.path.relpath(figure, 'bench')})")
+        log("[quality] report written into README.md and bench/README.md")
     if failed:
         log(f"[quality] {len(failed)} run(s) failed: {', '.join(failed)}")
     return 1 if failed else 0
+
+
+DOCS_BEGIN, DOCS_END = "<!-- quality-report -->", "<!-- /quality-report -->"
+
+
+def write_block(path: str, text: str) -> None:
+    """Replace what stands between the report markers of ``path`` (markdown) with ``text``."""
+    doc = open(path).read()
+    head, begin, rest = doc.partition(DOCS_BEGIN)
+    if not begin:
+        raise SystemExit(f"{rel(path)}: no {DOCS_BEGIN} marker to write the report at")
+    _, end, tail_text = rest.partition(DOCS_END)
+    new = f"{head}{DOCS_BEGIN}\n{text}\n{DOCS_END}{tail_text if end else rest}"
+    with open(path + ".tmp", "w") as f:
+        f.write(new)
+    os.replace(path + ".tmp", path)
 
 
 def _global_batch(nproc: int) -> int:

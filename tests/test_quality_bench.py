@@ -59,6 +59,12 @@ def test_quick_study_trains_evaluates_caches_tabulates_and_plots(smollm_dir, tmp
     rescored = json.loads(record.read_text())
     assert rescored["curve"] == cached["curve"] and rescored["test"]["rows"] == 8
 
+    # --report_only: what is cached, and a row not done yet named, with nothing trained or scored
+    logs = set(os.listdir(work / "logs"))
+    partial = run_command(cmd + ["--report_only", "--methods", "lorasb,lora,loraxs"], timeout=300).stdout
+    assert "Not finished yet, so left out: LoRA-XS" in partial and "| LoRA-XS | 0.001 | n/a | n/a | pending |" in partial
+    assert "| LoRA-SB | 96 | 1,935,360 |" in partial and set(os.listdir(work / "logs")) == logs
+
 
 def test_shipped_model_loads_and_its_tokenizer_round_trips():
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -109,3 +115,17 @@ def test_claims_follow_the_numbers():
     assert "yes" not in claims(rows, {})[1] and claims(rows, {})[2].endswith("not measured yet.")
     del rows["loraxs"]
     assert claims(rows, {})[0] == "(i) LoRA-SB vs LoRA-XS at the same trained count: not measured yet."
+
+
+def test_the_report_replaces_only_what_stands_between_its_markers(tmp_path):
+    sys.path.insert(0, os.path.join(REPO, "bench"))
+    from quality import write_block
+
+    doc = tmp_path / "README.md"
+    doc.write_text("intro\n<!-- quality-report -->\nold table\n<!-- /quality-report -->\nafter\n")
+    write_block(str(doc), "| new | table |")
+    write_block(str(doc), "| newer | table |")
+    assert doc.read_text() == "intro\n<!-- quality-report -->\n| newer | table |\n<!-- /quality-report -->\nafter\n"
+    (tmp_path / "other.md").write_text("no markers\n")
+    with pytest.raises(SystemExit, match="no <!-- quality-report --> marker"):
+        write_block(str(tmp_path / "other.md"), "x")
