@@ -132,6 +132,14 @@ def sha256_of(path: str) -> str:
         return hashlib.sha256(f.read()).hexdigest()[:16]
 
 
+def config_digest(path: str) -> str:
+    """sha256 of a model's config.json without the version of transformers that wrote it, so a cached run
+    stays valid when the same model is written again by another release."""
+    config = json.load(open(path))
+    config.pop("transformers_version", None)
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+
+
 # --------------------------------------------------------------------------- processes
 
 
@@ -167,7 +175,7 @@ class Study:
         self.model = rel(args.model)
         self.split = {s: rel(os.path.join(args.data, f"{s}.jsonl")) for s in ("train", "validation", "test")}
         # what makes a cached result valid: the model, the data, the run config and the shared settings
-        self.key = {"model_config": sha256_of(os.path.join(args.model, "config.json")),
+        self.key = {"model_config": config_digest(os.path.join(args.model, "config.json")),
                     "model_weights_bytes": os.path.getsize(os.path.join(args.model, "model.safetensors")),
                     **{f"data_{s}": sha256_of(p) for s, p in self.split.items()},
                     "run_config": sha256_of(RUN_CONFIG), "ds_config": sha256_of(DS_CONFIG),

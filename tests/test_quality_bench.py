@@ -129,3 +129,18 @@ def test_the_report_replaces_only_what_stands_between_its_markers(tmp_path):
     (tmp_path / "other.md").write_text("no markers\n")
     with pytest.raises(SystemExit, match="no <!-- quality-report --> marker"):
         write_block(str(tmp_path / "other.md"), "x")
+
+
+def test_cached_runs_outlive_a_new_transformers_release(tmp_path):
+    """The cache key of the model is its config without the version of transformers that wrote it: the
+    same model written again by another release keeps the study's cached runs; another model does not."""
+    sys.path.insert(0, os.path.join(REPO, "bench"))
+    from quality import config_digest
+
+    config = {"model_type": "llama", "hidden_size": 576, "transformers_version": "5.25.0"}
+    paths = []
+    for i, change in enumerate([{}, {"transformers_version": "5.30.1"}, {"hidden_size": 960}]):
+        paths.append(tmp_path / f"config{i}.json")
+        paths[-1].write_text(json.dumps(config | change))
+    digests = [config_digest(str(p)) for p in paths]
+    assert digests[0] == digests[1] != digests[2]
