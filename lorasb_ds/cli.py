@@ -137,8 +137,6 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "fetch":
             from . import fetch
 
-            if args.wheel_dir is None:
-                args.wheel_dir = fetch.DEFAULT_WHEEL_DIR
             fetch.main(args)
     except ConfigError as e:
         print(f"lorasb: error: {e}", file=sys.stderr)

