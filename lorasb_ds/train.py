@@ -315,7 +315,8 @@ def init_adapters(s: Session) -> tuple[dict[str, LayerInit], dict, EstimationSta
         meta.update(update=cfg.lorasb.update, lr_eff=s.plan.lr_eff, est_samples=cfg.lorasb.est_samples,
                     est_micro_batch=cfg.lorasb.est_micro_batch, data_fingerprint=s.data_fingerprint)
     if method in ("lorasb", "loraxs"):
-        meta.update(svd=cfg.lorasb.svd, svd_oversample=cfg.lorasb.svd_oversample, svd_niter=cfg.lorasb.svd_niter)
+        meta.update(svd=cfg.lorasb.svd, svd_oversample=cfg.lorasb.svd_oversample, svd_niter=cfg.lorasb.svd_niter,
+                    svd_tol=cfg.lorasb.svd_tol, svd_max_iter=cfg.lorasb.svd_max_iter)
     if method == "lora":
         meta.update(lora_alpha=cfg.lorasb.lora_alpha if cfg.lorasb.lora_alpha is not None else 2 * cfg.lorasb.r)
     if s.rank == 0:
@@ -324,6 +325,10 @@ def init_adapters(s: Session) -> tuple[dict[str, LayerInit], dict, EstimationSta
             print(f"[lorasb] estimation: {stats.micro_batches_per_rank} micro-batches per rank in "
                   f"{stats.seconds:.2f}s, lr_eff {s.plan.lr_eff:.3g}")
         print(f"[lorasb] {method} init of {len(inits)} layers: {init_seconds:.2f}s on rank 0")
+        if method in ("lorasb", "loraxs") and inits:
+            energies, iterations = [i.energy for i in inits.values()], [i.svd_iterations for i in inits.values()]
+            print(f"[lorasb] SVD ({cfg.lorasb.svd}): captured energy min {min(energies):.3f} mean "
+                  f"{sum(energies) / len(energies):.3f}; iterations max {max(iterations)}")
     return inits, meta, stats
 
 
@@ -526,10 +531,13 @@ def run(cfg: RunConfig, ds_config: dict, dry: bool = False) -> dict:
     if resume_from:
         position, _ = checkpoint.load(s.engine, resume_from)
     energies = {name: init.energy for name, init in inits.items()}
+    iterations = {name: init.svd_iterations for name, init in inits.items()}
     logger.log({"event": "init", "estimated": est_stats is not None, "init_file": init_path,
                 "resumed_from": resume_from, "start_step": position.step, "lr_eff": init_meta.get("lr_eff"),
-                "mean_energy": sum(energies.values()) / max(1, len(energies))},
-               tb={f"Estimation/energy/{n}": e for n, e in energies.items()})
+                "mean_energy": sum(energies.values()) / max(1, len(energies)),
+                "max_svd_iterations": max(iterations.values(), default=0)},
+               tb={**{f"Estimation/energy/{n}": e for n, e in energies.items()},
+                   **{f"Estimation/svd_iterations/{n}": k for n, k in iterations.items()}})
 
     extra = {"init_file": os.path.abspath(init_path), "init_id": init_meta["init_id"], "run": run_identity(cfg)}
     position, preempted = train_loop(

@@ -48,8 +48,10 @@ def test_default_run_estimates_trains_and_writes_the_adapter(first_run):
         meta = json.loads(f.metadata()["lorasb"])
         assert len(list(f.keys())) == 28 and all(k.endswith(".lora_R") for k in f.keys())
     with safe_open(os.path.join(out, "adapter", "lorasb_init.safetensors"), "pt") as f:
-        assert json.loads(f.metadata()["lorasb"])["init_id"] == meta["init_id"]
-    assert "estimation:" in proc.stdout
+        init_meta = json.loads(f.metadata()["lorasb"])
+    assert init_meta["init_id"] == meta["init_id"] and init_meta["svd"] == "converged"
+    assert len(init_meta["svd_iterations"]) == 28 and records[0]["max_svd_iterations"] >= 0
+    assert "estimation:" in proc.stdout and "SVD (converged): captured energy" in proc.stdout
 
 
 def test_tensorboard_has_training_and_estimation_scalars(first_run):
@@ -60,6 +62,7 @@ def test_tensorboard_has_training_and_estimation_scalars(first_run):
     tags = set(acc.Tags()["scalars"])
     assert {"Train/loss", "Train/lr", "Train/grad_norm", "Train/param_norm"} <= tags
     assert sum(t.startswith("Estimation/energy/") for t in tags) == 28
+    assert sum(t.startswith("Estimation/svd_iterations/") for t in tags) == 28
     assert len(acc.Scalars("Train/loss")) == 4
 
 
