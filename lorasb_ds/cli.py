@@ -114,7 +114,11 @@ def add_plan_parser(sub) -> None:
     plan.add_argument("--eager_attention", action="store_true",
                       help="count the b x heads x s x s score matrices of eager attention")
     plan.add_argument("--gpus_per_node", type=int, default=8, help="for DeepSpeed's estimator")
-    plan.add_argument("--device_memory_gb", type=float, help="device memory per rank (GB = 1e9 bytes)")
+    plan.add_argument("--device_memory_gb", type=float, help="device memory per rank (GB = 1e9 bytes); when "
+                      "the estimation's accumulators are what does not fit, the plan splits the estimation "
+                      "into the fewest passes that fit")
+    plan.add_argument("--est_max_accum_gb", type=float,
+                      help="lorasb.est_max_accum_gb: most GB of fp32 accumulators per rank in one pass")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -175,13 +179,22 @@ def evaluate(args: argparse.Namespace) -> None:
 def plan(args: argparse.Namespace) -> int:
     """Print the plan and DeepSpeed's estimate; 1 when it does not fit ``--device_memory_gb``."""
     from .config import LLAMA_TARGETS
-    from .plan import check_fit, deepspeed_estimate, format_deepspeed_comparison, format_plan, plan_memory
+    from .plan import (check_fit, deepspeed_estimate, fewest_passes, format_deepspeed_comparison, format_plan,
+                       gb, plan_memory)
 
     targets = [t.strip() for t in args.targets.split(",") if t.strip()] if args.targets else LLAMA_TARGETS
     result = plan_memory(args.model_config, args.r, targets, args.world_size, args.micro_batch, args.seq_len,
                          dtype=args.dtype, offload_param=args.offload_param,
                          gradient_checkpointing=not args.no_gradient_checkpointing,
-                         est_micro_batch=args.est_micro_batch, flash_attention=not args.eager_attention)
+                         est_micro_batch=args.est_micro_batch, flash_attention=not args.eager_attention,
+                         est_max_accum_gb=args.est_max_accum_gb)
+    passes_note = ""
+    if args.device_memory_gb is not None and args.est_max_accum_gb is None and check_fit(result, args.device_memory_gb):
+        grouped = fewest_passes(result, args.device_memory_gb)
+        if grouped is not None and not check_fit(grouped, args.device_memory_gb):
+            result = grouped
+            passes_note = (f"; the estimation in {grouped.est_passes} passes: set lorasb.est_max_accum_gb="
+                           f"{gb(grouped.settings.est_max_accum_bytes)}")
     print(format_plan(result))
     print()
     print(format_deepspeed_comparison(deepspeed_estimate(result, args.gpus_per_node)))
@@ -191,7 +204,7 @@ def plan(args: argparse.Namespace) -> int:
     print()
     if not knobs:
         print(f"fits: peak {result.peak / 1e9:.2f} GB per rank within {args.device_memory_gb:g} GB "
-              "(less 10% headroom)")
+              f"(less 10% headroom){passes_note}")
         return 0
     print(f"does NOT fit: peak {result.peak / 1e9:.2f} GB per rank > {args.device_memory_gb:g} GB "
           "less 10% headroom. Knobs, largest effect first:")

@@ -71,6 +71,10 @@ class LoraSBConfig:
     """Training samples whose gradient is summed for the estimate (reference: 50 for math)."""
     est_micro_batch: int = 3
     """Micro-batch size of the estimation pass, per rank."""
+    est_max_accum_gb: float | None = None
+    """Most GB (10^9 bytes) of fp32 gradient accumulators a rank holds at once: the modules are split, in
+    model order, into groups that fit, each estimated in its own pass over the same batches (the same
+    G). Empty: every module in one pass. ``lorasb plan --device_memory_gb`` suggests a value."""
     svd: str = "converged"
     """``converged`` (block Krylov, grown until the captured energy stops rising; exact on narrow
     matrices), ``randomized`` (torch.svd_lowrank, a fixed number of iterations, as the reference code)
@@ -321,6 +325,8 @@ def validate_run_config(cfg: RunConfig) -> None:
         (s.lr_eff is None or s.lr_eff > 0, f"lorasb.lr_eff must be positive or empty, got {s.lr_eff}"),
         (s.est_samples > 0, f"lorasb.est_samples must be at least 1, got {s.est_samples}"),
         (s.est_micro_batch > 0, f"lorasb.est_micro_batch must be at least 1, got {s.est_micro_batch}"),
+        (s.est_max_accum_gb is None or s.est_max_accum_gb > 0,
+         f"lorasb.est_max_accum_gb must be positive or empty, got {s.est_max_accum_gb}"),
         (s.svd in ("converged", "randomized", "exact"),
          f"lorasb.svd must be 'converged', 'randomized' or 'exact', got '{s.svd}'"),
         (s.svd_oversample >= 0, f"lorasb.svd_oversample must be >= 0, got {s.svd_oversample}"),

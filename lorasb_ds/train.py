@@ -30,13 +30,13 @@ from .config import (BatchLayout, ConfigError, RunConfig, check_precision, preci
                      resolve_batch_layout)
 from .data import (collate, describe_truncation, estimation_indices, fingerprint, load_rows, tokenize_rows,
                    train_batches)
-from .estimate import (EstimationStats, assign_owners, check_finite, estimate_gradients,
-                       weighted_estimation_batches)
+from .estimate import (EstimationStats, assign_owners, check_finite, estimate_gradients, estimation_groups,
+                       layer_shapes, max_accum_bytes, weighted_estimation_batches)
 from .export import INIT_FILE_NAME, save_adapter
 from .init import (LayerInit, apply_inits, broadcast_inits, check_init_metadata, init_from_gradient,
                    init_from_weight, load_init_file, lora_init, new_init_id, read_init_metadata,
                    save_init_file)
-from .layer import LoRASBLinear
+from .layer import LoRASBLinear, shape_of
 from .modeling import (auto_class, builtin_name, check_model_source, load_model, load_tokenizer,
                        tiny_llama_config, tiny_roberta_config)
 from .surgery import ParameterCounts, count_parameters, find_targets, modules_to_save, train_modules, wrap_targets
@@ -63,16 +63,19 @@ def model_dtype(ds_config: dict) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision(ds_config)]
 
 
-def check_targets_without_weights(cfg: RunConfig) -> None:
-    """Fail on bad targets, rank or modules to save from the model's config alone, before any weight
-    is loaded."""
+def check_targets_without_weights(cfg: RunConfig, world: int) -> None:
+    """Fail on bad targets, rank, modules to save or accumulator budget from the model's config alone,
+    before any weight is loaded."""
     if cfg.lorasb.method == "full":
         return
     with torch.device("meta"):
         skeleton = auto_class(cfg.model.task).from_config(model_config_of(cfg),
                                                           trust_remote_code=cfg.model.trust_remote_code)
-    find_targets(skeleton, cfg.lorasb.target_modules, cfg.lorasb.r)
+    found = find_targets(skeleton, cfg.lorasb.target_modules, cfg.lorasb.r)
     modules_to_save(skeleton, cfg.lorasb.modules_to_save, cfg.model.task)
+    if cfg.lorasb.method == "lorasb":
+        shapes = {name: shape_of(module) for name, module in found}
+        estimation_groups(shapes, assign_owners(shapes, world), max_accum_bytes(cfg.lorasb))
 
 
 def num_labels_of(cfg: RunConfig) -> int | None:
@@ -192,7 +195,7 @@ def prepare(cfg: RunConfig, ds_config: dict) -> Prepared:
     check_model_source(cfg.model)
     layout = resolve_batch_layout(ds_config, world_size_from_env())
     check_precision(ds_config, get_accelerator().device_name())
-    check_targets_without_weights(cfg)
+    check_targets_without_weights(cfg, layout.world_size)
     tokenizer = load_tokenizer(cfg.model)
     rows = load_rows(cfg.data, cfg.train.seed)
     examples, truncated = tokenize_rows(rows, tokenizer, cfg.data)
@@ -265,7 +268,6 @@ def build(p: Prepared) -> Session:
             opt, lr_lambda(t.schedule, plan.warmup_steps, plan.total_steps)),
         config=ds_config,
     )
-    shapes = {name: (layer.out_features, layer.in_features) for name, layer in layers.items()}
     if rank == 0:
         print(f"[lorasb] world {world}, micro-batch {layout.micro_batch} x accumulation "
               f"{layout.grad_accum} -> global batch {layout.global_batch}; {len(examples)} samples "
@@ -273,7 +275,7 @@ def build(p: Prepared) -> Session:
         print(f"[lorasb] method {cfg.lorasb.method}, {len(layers)} adapter layers, r={cfg.lorasb.r}: "
               f"{counts.describe()}")
     return Session(cfg, engine, scheduler, layers, trained, saved, counts, p.tokenizer, examples, p.truncated, layout, plan,
-                   rank, world, device, assign_owners(shapes, world), p.data_fingerprint)
+                   rank, world, device, assign_owners(layer_shapes(layers), world), p.data_fingerprint)
 
 
 def init_adapters(s: Session) -> tuple[dict[str, LayerInit], dict, EstimationStats | None]:
@@ -289,25 +291,33 @@ def init_adapters(s: Session) -> tuple[dict[str, LayerInit], dict, EstimationSta
     index = {name: i for i, name in enumerate(s.layers)}  # a per-module seed, owner-independent
     mine = [name for name in s.layers if s.owners[name] == s.rank]
     stats = None
-    if method == "lorasb":
+    local: dict[str, LayerInit] = {}
+    init_seconds = 0.0
+    if method == "lorasb":  # group by group: estimate G (collective), then the owners' SVDs free it
         batches = weighted_estimation_batches(s.examples, cfg.lorasb.est_samples, cfg.lorasb.est_micro_batch,
                                               s.rank, s.world, cfg.train.seed, s.tokenizer.pad_token_id)
-        grads, stats = estimate_gradients(s.engine.module, s.layers, batches, s.owners, s.device)
-        check_finite(grads, list(s.layers), s.device)
+        for group in estimation_groups(layer_shapes(s.layers), s.owners, max_accum_bytes(cfg.lorasb)):
+            layers = {name: s.layers[name] for name in group}
+            grads, group_stats = estimate_gradients(s.engine.module, layers, batches, s.owners, s.device)
+            stats = group_stats if stats is None else stats.add(group_stats)
+            check_finite(grads, group, s.device)
+            t0 = time.perf_counter()
+            for name in group:
+                if name in mine:
+                    local[name] = init_from_gradient(grads.pop(name), cfg.lorasb, s.plan.lr_eff,
+                                                     cfg.train.seed + index[name])
+            init_seconds += time.perf_counter() - t0
     t0 = time.perf_counter()
-    local: dict[str, LayerInit] = {}
     for name, layer in s.layers.items():
         seed = cfg.train.seed + index[name]
-        if method == "lorasb" and name in mine:
-            local[name] = init_from_gradient(grads.pop(name), cfg.lorasb, s.plan.lr_eff, seed)
-        elif method == "loraxs":
+        if method == "loraxs":
             with deepspeed.zero.GatheredParameters([layer.base.weight]):  # every rank, every module
                 W0 = layer.base.weight.detach().float().clone() if name in mine else None
             if W0 is not None:
                 local[name] = init_from_weight(W0, cfg.lorasb, seed)
         elif method == "lora" and name in mine:
             local[name] = lora_init(layer.out_features, layer.in_features, cfg.lorasb, seed)
-    init_seconds = time.perf_counter() - t0
+    init_seconds += time.perf_counter() - t0
     inits = broadcast_inits(s.layers, local, s.owners, s.device)
     meta = dict(init_metadata(cfg), init_id=new_init_id(), seed=cfg.train.seed, world_size=s.world,
                 owners=s.owners, versions=_versions())
@@ -322,7 +332,8 @@ def init_adapters(s: Session) -> tuple[dict[str, LayerInit], dict, EstimationSta
     if s.rank == 0:
         save_init_file(os.path.join(cfg.train.output_dir, INIT_FILE_NAME), inits, meta)
         if stats is not None:
-            print(f"[lorasb] estimation: {stats.micro_batches_per_rank} micro-batches per rank in "
+            passes = f" ({stats.passes} passes)" if stats.passes > 1 else ""
+            print(f"[lorasb] estimation: {stats.micro_batches_per_rank} micro-batches per rank{passes} in "
                   f"{stats.seconds:.2f}s, lr_eff {s.plan.lr_eff:.3g}")
         print(f"[lorasb] {method} init of {len(inits)} layers: {init_seconds:.2f}s on rank 0")
         if method in ("lorasb", "loraxs") and inits:
@@ -485,7 +496,7 @@ def dry_run(p: Prepared) -> dict:
     layer_plan = plan_memory(model_config_of(cfg), cfg.lorasb.r, cfg.lorasb.target_modules, layout.world_size,
                              layout.micro_batch, cfg.data.max_length, precision(p.ds_config),
                              bool(zero.get("offload_param")), cfg.model.gradient_checkpointing,
-                             cfg.lorasb.est_micro_batch, **buckets)
+                             cfg.lorasb.est_micro_batch, **buckets, est_max_accum_gb=cfg.lorasb.est_max_accum_gb)
     print(format_plan(layer_plan))
     return summary
 

@@ -77,6 +77,17 @@ def test_init_file_run_skips_estimation_and_gives_the_same_first_loss(first_run,
     assert abs(first[0] - second[0]) <= 1e-6 * abs(first[0])
 
 
+def test_estimation_in_passes_under_an_accumulator_budget_gives_the_same_init(first_run, tmp_path):
+    """lorasb.est_max_accum_gb = 400 kB per rank (of about 1.6 MB; the largest G is 197 kB): several
+    passes over the estimation batches, and B, A, R come out bitwise the same as in one pass."""
+    out, _ = first_run
+    proc = deepspeed_train(tmp_path, "lorasb.est_max_accum_gb=0.0004", "train.max_steps=1")
+    passes = int(proc.stdout.split(" passes) in ")[0].rsplit("(", 1)[1])
+    assert passes >= 3
+    one, grouped = (load_file(os.path.join(d, "lorasb_init.safetensors")) for d in (out, tmp_path))
+    assert one.keys() == grouped.keys() and all(torch.equal(one[k], grouped[k]) for k in one)
+
+
 def test_zero2_from_the_same_init_file_gives_the_same_first_loss(first_run, tmp_path):
     out, _ = first_run
     deepspeed_train(tmp_path, "--init_file", os.path.join(out, "lorasb_init.safetensors"),

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from lorasb_ds.config import LLAMA_TARGETS, ConfigError, LoraSBConfig
-from lorasb_ds.estimate import assign_owners
+from lorasb_ds.estimate import assign_owners, estimation_groups
 from lorasb_ds.init import (
     INIT_FORMAT,
     LayerInit,
@@ -315,3 +315,29 @@ def test_owners_largest_first_to_least_loaded():
     shapes = {"small": (1, 1), "big": (10, 10), "mid": (5, 5), "mid2": (5, 5)}
     # big -> 0, mid -> 1, mid2 -> 1 (25 < 100), small -> 1 (50 < 100)
     assert assign_owners(shapes, 2) == {"small": 1, "big": 0, "mid": 1, "mid2": 1}
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+@pytest.mark.parametrize("budget", [None, 1.0, 1.5, 100.0])  # in largest modules
+def test_estimation_groups_are_consecutive_and_fit_the_budget_on_every_rank(world, budget):
+    owners = assign_owners(SHAPES, world)
+    max_bytes = None if budget is None else int(4 * budget * max(o * i for o, i in SHAPES.values()))
+    groups = estimation_groups(SHAPES, owners, max_bytes)
+    assert [name for group in groups for name in group] == list(SHAPES)  # every module once, in order
+    assert all(groups)
+    for group in groups:
+        per_rank = loads_of({n: owners[n] for n in group}, SHAPES, world)
+        assert max_bytes is None or 4 * max(per_rank) <= max_bytes
+    # next fit: the first module of a group would have put its owner over the budget in the group before
+    for before, group in zip(groups, groups[1:]):
+        first = group[0]
+        load = sum(SHAPES[n][0] * SHAPES[n][1] for n in before if owners[n] == owners[first])
+        assert 4 * (load + SHAPES[first][0] * SHAPES[first][1]) > max_bytes
+    assert (len(groups) == 1) == (max_bytes is None or max_bytes >= 4 * max(loads_of(owners, SHAPES, world)))
+
+
+def test_estimation_groups_refuse_a_budget_below_one_module():
+    largest = max(o * i for o, i in SHAPES.values())
+    with pytest.raises(ConfigError, match="lorasb.est_max_accum_gb = .* is below the fp32 accumulator of"):
+        estimation_groups(SHAPES, assign_owners(SHAPES, 2), 4 * largest - 1)
+    assert len(estimation_groups(SHAPES, assign_owners(SHAPES, 2), 4 * largest)) > 1
