@@ -21,8 +21,24 @@ import sys
 from .config import ConfigError, LoraSBConfig, load_ds_config, load_run_config
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with a usage error printed once per launch, not once per rank."""
+
+    def error(self, message: str):
+        say_once(f"{self.format_usage()}{self.prog}: error: {message}")
+        sys.exit(2)
+
+
+def say_once(text: str) -> None:
+    """``text`` to stderr by the first rank of the launch to hit it (see ``dist.first_to_say``)."""
+    from .dist import first_to_say
+
+    if first_to_say(text):
+        print(text, file=sys.stderr, flush=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lorasb", description=__doc__)
+    parser = Parser(prog="lorasb", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="estimate B, A, R and train R on a DeepSpeed engine")
     train.add_argument("--ds_config", required=True, help="DeepSpeed JSON (batch sizes, ZeRO, precision)")
@@ -143,10 +159,10 @@ def main(argv: list[str] | None = None) -> int:
 
             fetch.main(args)
     except ConfigError as e:
-        print(f"lorasb: error: {e}", file=sys.stderr)
+        say_once(f"lorasb: error: {e}")
         return 2
     except FloatingPointError as e:
-        print(f"lorasb: stopped: {e}", file=sys.stderr)
+        say_once(f"lorasb: stopped: {e}")
         return 3
     return 0
 

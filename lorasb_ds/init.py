@@ -33,7 +33,7 @@ from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import ConfigError, LoraSBConfig
@@ -235,8 +235,12 @@ def save_init_file(path: str, inits: dict[str, LayerInit], metadata: dict) -> No
 
 
 def read_init_metadata(path: str) -> dict:
-    with safe_open(path, framework="pt") as f:
-        raw = (f.metadata() or {}).get("lorasb")
+    try:
+        with safe_open(path, framework="pt") as f:
+            raw = (f.metadata() or {}).get("lorasb")
+    except (OSError, SafetensorError) as e:
+        raise ConfigError(f"train.init_file {path} cannot be read as safetensors ({e}); it may be truncated: "
+                          "use a complete init file or drop train.init_file to estimate anew") from None
     if raw is None:
         raise ConfigError(f"train.init_file {path} is not a LoRA-SB init file (no 'lorasb' metadata)")
     meta = json.loads(raw)

@@ -256,6 +256,9 @@ def test_cli_errors_exit_2(capsys, tmp_path):
     assert "no such file" in capsys.readouterr().err
     assert cli_main(["plan", "--model_config", L70B, "--r", "96", "--world_size", "8", "--targets", "qkv"]) == 2
     assert "match no module" in capsys.readouterr().err
+    assert cli_main(["plan", "--model_config", L70B, "--r", "2000", "--world_size", "8"]) == 2
+    assert "lower lorasb.r to at most 1024, or drop the targets narrower than 2000 (k_proj, v_proj)" in \
+        capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------- DeepSpeed's estimator
