@@ -13,6 +13,10 @@ Variants, each in a fresh process group (so each memory high-water mark is its o
   and all-reduces it: the approach of the reference code (and of LoRA-GA, PEFT), for comparison.
 * ``owner_w1``: ``owner`` on a single rank, which then owns every module (the SVD phase unsharded).
 
+Then the SVD alone, in this process, on sign(random) matrices (the flat spectrum of a sign update, the
+hard case) at the preset's distinct target shapes and at ``--svd_wide`` (4096 x 4096): the captured
+top-r energy of each ``lorasb.svd`` method over the exact SVD's, its iterations and its time.
+
 Estimation runs once and cold, as in a real run; training steps are timed after a warm-up step.
 Every rank fixes glibc's mmap threshold (``--mmap_threshold``, 1 MiB), so that memory high-water marks
 count tensors rather than heap that glibc keeps after freeing them.
@@ -38,6 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=3, help="timed training steps")
     p.add_argument("--warmup", type=int, default=1, help="untimed training steps first")
     p.add_argument("--lorasb_rank", type=int, default=96)
+    p.add_argument("--svd_wide", type=int, default=4096, help="side of the square matrix of the SVD table "
+                   "beside the preset's shapes (0: none)")
     p.add_argument("--mmap_threshold", type=int, default=1 << 20,
                    help="glibc mmap threshold of every rank in bytes (0: glibc's dynamic default); see "
                         "common.fix_mmap_threshold")
@@ -116,6 +122,57 @@ def worker(args, variant: str) -> dict:
     result["peak_rss"] = common.per_rank(common.peak_rss(), device)
     result["peak_gpu"] = common.per_rank(common.peak_gpu(device), device)
     return result
+
+
+def target_shapes(args) -> list[tuple[int, int]]:
+    """Distinct (out, in) of the seven Llama projections of the preset."""
+    kv = args.kv_heads * (args.hidden // args.heads)
+    shapes = [(args.hidden, args.hidden), (kv, args.hidden), (args.intermediate, args.hidden),
+              (args.hidden, args.intermediate)]
+    return sorted(set(shapes))
+
+
+def svd_quality(args) -> list[dict]:
+    """Each SVD method on sign(randn) at each shape: captured top-r energy / exact, iterations, seconds."""
+    import torch
+
+    from lorasb_ds.config import LoraSBConfig
+    from lorasb_ds.init import truncated_svd
+
+    shapes = target_shapes(args) + ([(args.svd_wide, args.svd_wide)] if args.svd_wide else [])
+    rows = []
+    for out, inn in shapes:
+        r = min(args.lorasb_rank, out, inn)
+        M = torch.sign(torch.randn(out, inn, generator=torch.Generator().manual_seed(0))).to(args.device)
+        row = {"shape": [out, inn], "r": r}
+        for method in ("exact", "randomized", "converged"):
+            cfg = LoraSBConfig(r=r, svd=method)
+            t0 = time.perf_counter()
+            res = truncated_svd(M, r, cfg, seed=0)
+            common.sync(torch.device(args.device))
+            row[method] = {"seconds": time.perf_counter() - t0, "iterations": res.iterations,
+                           "energy": float((res.U.T @ M @ res.V).square().sum())}
+        for method in ("randomized", "converged"):
+            row[method]["ratio"] = row[method]["energy"] / row["exact"]["energy"]
+        rows.append(row)
+    return rows
+
+
+def svd_report(rows: list[dict]) -> dict:
+    table = []
+    for row in rows:
+        exact = row["exact"]["seconds"]
+        cells = [f"{row['shape'][0]} x {row['shape'][1]}", row["r"], f"{exact:.2f}"]
+        for method in ("randomized", "converged"):
+            m = row[method]
+            cells += [f"{m['ratio']:.4f}", m["iterations"], f"{m['seconds']:.2f}", f"{m['seconds'] / exact:.2f}"]
+        table.append(cells)
+    print(common.table(["shape", "r", "exact s", "randomized: energy / exact", "iterations", "s", "x exact",
+                        "converged: energy / exact", "iterations", "s", "x exact"], table))
+    worst = min(row["converged"]["ratio"] for row in rows)
+    print(f"\nconverged SVD, worst captured energy / exact: {worst:.4f} (target >= 0.995)")
+    return {"converged SVD, worst energy / exact": worst,
+            "randomized SVD, worst energy / exact": min(row["randomized"]["ratio"] for row in rows)}
 
 
 def merge(runs: list[dict]) -> dict:
@@ -208,8 +265,12 @@ def main() -> None:
     runs = common.run_rounds(worker, args, variants(args), lambda v: 1 if v == "owner_w1" else args.nproc)
     results = {v: merge(r) for v, r in runs.items()}
     summary = report(args, results)
+    print("\nSVD of sign(randn) at the preset's shapes and a wide one (this process):\n", flush=True)
+    svd_rows = svd_quality(args)
+    summary |= svd_report(svd_rows)
     print(f"\nat the end: {common.load_line()}")
-    common.save_json(args, {"machine": machine, "args": vars(args), "results": results, "targets": summary})
+    common.save_json(args, {"machine": machine, "args": vars(args), "results": results, "svd": svd_rows,
+                            "targets": summary})
 
 
 if __name__ == "__main__":

@@ -21,8 +21,24 @@ import sys
 from .config import ConfigError, LoraSBConfig, load_ds_config, load_run_config
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with a usage error printed once per launch, not once per rank."""
+
+    def error(self, message: str):
+        say_once(f"{self.format_usage()}{self.prog}: error: {message}")
+        sys.exit(2)
+
+
+def say_once(text: str) -> None:
+    """``text`` to stderr by the first rank of the launch to hit it (see ``dist.first_to_say``)."""
+    from .dist import first_to_say
+
+    if first_to_say(text):
+        print(text, file=sys.stderr, flush=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lorasb", description=__doc__)
+    parser = Parser(prog="lorasb", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="estimate B, A, R and train R on a DeepSpeed engine")
     train.add_argument("--ds_config", required=True, help="DeepSpeed JSON (batch sizes, ZeRO, precision)")
@@ -114,7 +130,11 @@ def add_plan_parser(sub) -> None:
     plan.add_argument("--eager_attention", action="store_true",
                       help="count the b x heads x s x s score matrices of eager attention")
     plan.add_argument("--gpus_per_node", type=int, default=8, help="for DeepSpeed's estimator")
-    plan.add_argument("--device_memory_gb", type=float, help="device memory per rank (GB = 1e9 bytes)")
+    plan.add_argument("--device_memory_gb", type=float, help="device memory per rank (GB = 1e9 bytes); when "
+                      "the estimation's accumulators are what does not fit, the plan splits the estimation "
+                      "into the fewest passes that fit")
+    plan.add_argument("--est_max_accum_gb", type=float,
+                      help="lorasb.est_max_accum_gb: most GB of fp32 accumulators per rank in one pass")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,10 +159,10 @@ def main(argv: list[str] | None = None) -> int:
 
             fetch.main(args)
     except ConfigError as e:
-        print(f"lorasb: error: {e}", file=sys.stderr)
+        say_once(f"lorasb: error: {e}")
         return 2
     except FloatingPointError as e:
-        print(f"lorasb: stopped: {e}", file=sys.stderr)
+        say_once(f"lorasb: stopped: {e}")
         return 3
     return 0
 
@@ -175,13 +195,22 @@ def evaluate(args: argparse.Namespace) -> None:
 def plan(args: argparse.Namespace) -> int:
     """Print the plan and DeepSpeed's estimate; 1 when it does not fit ``--device_memory_gb``."""
     from .config import LLAMA_TARGETS
-    from .plan import check_fit, deepspeed_estimate, format_deepspeed_comparison, format_plan, plan_memory
+    from .plan import (check_fit, deepspeed_estimate, fewest_passes, format_deepspeed_comparison, format_plan,
+                       gb, plan_memory)
 
     targets = [t.strip() for t in args.targets.split(",") if t.strip()] if args.targets else LLAMA_TARGETS
     result = plan_memory(args.model_config, args.r, targets, args.world_size, args.micro_batch, args.seq_len,
                          dtype=args.dtype, offload_param=args.offload_param,
                          gradient_checkpointing=not args.no_gradient_checkpointing,
-                         est_micro_batch=args.est_micro_batch, flash_attention=not args.eager_attention)
+                         est_micro_batch=args.est_micro_batch, flash_attention=not args.eager_attention,
+                         est_max_accum_gb=args.est_max_accum_gb)
+    passes_note = ""
+    if args.device_memory_gb is not None and args.est_max_accum_gb is None and check_fit(result, args.device_memory_gb):
+        grouped = fewest_passes(result, args.device_memory_gb)
+        if grouped is not None and not check_fit(grouped, args.device_memory_gb):
+            result = grouped
+            passes_note = (f"; the estimation in {grouped.est_passes} passes: set lorasb.est_max_accum_gb="
+                           f"{gb(grouped.settings.est_max_accum_bytes)}")
     print(format_plan(result))
     print()
     print(format_deepspeed_comparison(deepspeed_estimate(result, args.gpus_per_node)))
@@ -191,7 +220,7 @@ def plan(args: argparse.Namespace) -> int:
     print()
     if not knobs:
         print(f"fits: peak {result.peak / 1e9:.2f} GB per rank within {args.device_memory_gb:g} GB "
-              "(less 10% headroom)")
+              f"(less 10% headroom){passes_note}")
         return 0
     print(f"does NOT fit: peak {result.peak / 1e9:.2f} GB per rank > {args.device_memory_gb:g} GB "
           "less 10% headroom. Knobs, largest effect first:")

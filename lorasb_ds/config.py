@@ -71,12 +71,24 @@ class LoraSBConfig:
     """Training samples whose gradient is summed for the estimate (reference: 50 for math)."""
     est_micro_batch: int = 3
     """Micro-batch size of the estimation pass, per rank."""
-    svd: str = "randomized"
-    """``randomized`` (torch.svd_lowrank) or ``exact`` (torch.linalg.svd)."""
+    est_max_accum_gb: float | None = None
+    """Most GB (10^9 bytes) of fp32 gradient accumulators a rank holds at once: the modules are split, in
+    model order, into groups that fit, each estimated in its own pass over the same batches (the same
+    G). Empty: every module in one pass. ``lorasb plan --device_memory_gb`` suggests a value."""
+    svd: str = "converged"
+    """``converged`` (block Krylov, grown until the captured energy stops rising; exact on narrow
+    matrices), ``randomized`` (torch.svd_lowrank, a fixed number of iterations, as the reference code)
+    or ``exact`` (torch.linalg.svd)."""
     svd_oversample: int = 16
-    """Extra columns of the randomized sketch beyond r."""
+    """Columns beyond r of each random block (the sketch of ``randomized``, a Krylov block of
+    ``converged``)."""
     svd_niter: int = 10
-    """Power iterations of the randomized SVD."""
+    """Power iterations of ``randomized``."""
+    svd_tol: float = 1e-4
+    """``converged`` stops when one more block raises the captured top-r energy by less than this
+    (relative)."""
+    svd_max_iter: int = 32
+    """``converged``: at most this many Krylov blocks."""
     lora_alpha: float | None = None
     """``method: lora`` only: the scaling is lora_alpha / r; empty: 2 r."""
     modules_to_save: list[str] | None = None
@@ -313,9 +325,14 @@ def validate_run_config(cfg: RunConfig) -> None:
         (s.lr_eff is None or s.lr_eff > 0, f"lorasb.lr_eff must be positive or empty, got {s.lr_eff}"),
         (s.est_samples > 0, f"lorasb.est_samples must be at least 1, got {s.est_samples}"),
         (s.est_micro_batch > 0, f"lorasb.est_micro_batch must be at least 1, got {s.est_micro_batch}"),
-        (s.svd in ("randomized", "exact"), f"lorasb.svd must be 'randomized' or 'exact', got '{s.svd}'"),
+        (s.est_max_accum_gb is None or s.est_max_accum_gb > 0,
+         f"lorasb.est_max_accum_gb must be positive or empty, got {s.est_max_accum_gb}"),
+        (s.svd in ("converged", "randomized", "exact"),
+         f"lorasb.svd must be 'converged', 'randomized' or 'exact', got '{s.svd}'"),
         (s.svd_oversample >= 0, f"lorasb.svd_oversample must be >= 0, got {s.svd_oversample}"),
         (s.svd_niter >= 0, f"lorasb.svd_niter must be >= 0, got {s.svd_niter}"),
+        (0 <= s.svd_tol < 1, f"lorasb.svd_tol must be in [0, 1), got {s.svd_tol}"),
+        (s.svd_max_iter >= 1, f"lorasb.svd_max_iter must be >= 1, got {s.svd_max_iter}"),
         (d.format in ("metamath", "alpaca", "commonsense", "chat", "glue"),
          f"data.format must be 'metamath', 'alpaca', 'commonsense', 'chat' or 'glue', got '{d.format}'"),
         (cfg.model.task in TASKS, f"model.task must be 'causal_lm' or 'seq_cls', got '{cfg.model.task}'"),

@@ -48,11 +48,14 @@ rendezvous, so a bad launch fails at once instead of waiting for peers that neve
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
 import socket
 import subprocess
+import tempfile
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Mapping
@@ -180,6 +183,33 @@ def detect_launcher(environ: Mapping[str, str] | None = None) -> str:
     if in_srun_step(env):
         return "srun"
     return "single"
+
+
+def first_to_say(text: str) -> bool:
+    """Whether this process is the first of its launch, on this machine, to print ``text`` (so that a
+    message every rank would print appears once, while a message only some ranks hit still appears).
+
+    Ranks started together share a parent process (torchrun's agent, the deepspeed runner's
+    ``launch``, mpirun's daemon, slurmstepd): the first to create a file named after that parent (its
+    pid and start time) and the text wins. A process started alone always says it."""
+    if detect_launcher() == "single":
+        return True
+    parent = os.getppid()
+    try:
+        with open(f"/proc/{parent}/stat") as f:
+            parent = f"{parent}-{f.read().rsplit(')', 1)[1].split()[19]}"  # field 22: start time
+    except OSError:
+        pass
+    digest = hashlib.sha256(f"{parent}\n{text}".encode()).hexdigest()[:24]
+    folder = os.path.join(tempfile.gettempdir(), f"lorasb-said-{os.getuid()}")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        os.close(os.open(os.path.join(folder, digest), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        return True
+    except FileExistsError:
+        return False
+    except OSError:
+        return True  # no temp folder to agree through: every rank says it
 
 
 # ------------------------------------------------------------------- torchrun / deepspeed runner
@@ -507,6 +537,9 @@ def init_distributed(timeout_minutes: float) -> tuple[int, int, torch.device]:
     layout.export()
     if layout.rank == 0:
         print(f"[lorasb] ranks: {layout.describe()}", flush=True)
+    # DeepSpeed calls collectives that torch deprecates; their FutureWarning would print on every step of
+    # every rank (something resets the warnings registry each step), and only DeepSpeed can act on it
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(), auto_mpi_discovery=False,
                                timeout=timedelta(minutes=timeout_minutes), verbose=False)
     if accelerator.device_name() != "cpu":

@@ -13,6 +13,8 @@ Which rank does what:
 
 * Each module has one **owner** rank (``assign_owners``: balanced by out * in, deterministic).
 * Every rank runs the same number of micro-batches (a rank short of data runs zero-weight passes).
+* With a budget for the accumulators (``estimation_groups``) the modules are estimated group by group,
+  each group in its own pass over the same micro-batches; a module's G does not depend on the grouping.
 * As each module's local gradient appears in backward, it is reduced to the owner (``dist.reduce``);
   only the owner keeps an fp32 accumulator for the module. No rank ever holds every module's
   gradient: per rank the memory is its own accumulators plus a few gradients in flight.
@@ -30,8 +32,36 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .config import ConfigError, LoraSBConfig
 from .data import collate, estimation_batches
 from .layer import LoRASBLinear
+
+FP32 = 4
+
+
+def estimation_groups(shapes: dict[str, tuple[int, int]], owners: dict[str, int],
+                      max_bytes: int | None) -> list[list[str]]:
+    """Modules in model order, cut into consecutive groups whose fp32 accumulators (4 * out * in on
+    the owner) stay within ``max_bytes`` on every rank; one group when ``max_bytes`` is None.
+
+    The same on every rank. Raises ConfigError when one module alone is over the budget.
+    """
+    if max_bytes is None:
+        return [list(shapes)]
+    groups: list[list[str]] = [[]]
+    load: dict[int, int] = {}
+    for name, (out_f, in_f) in shapes.items():
+        need = FP32 * out_f * in_f
+        if need > max_bytes:
+            raise ConfigError(
+                f"lorasb.est_max_accum_gb = {max_bytes / 1e9:g} is below the fp32 accumulator of '{name}' "
+                f"({need / 1e9:.4g} GB); raise it to at least that, or leave it empty")
+        if load.get(owners[name], 0) + need > max_bytes:
+            groups.append([])
+            load = {}
+        groups[-1].append(name)
+        load[owners[name]] = load.get(owners[name], 0) + need
+    return groups
 
 
 def assign_owners(shapes: dict[str, tuple[int, int]], world_size: int) -> dict[str, int]:
@@ -134,6 +164,22 @@ def check_finite(grads: dict[str, torch.Tensor], names: list[str], device: torch
 class EstimationStats:
     micro_batches_per_rank: int
     seconds: float
+    passes: int = 1
+
+    def add(self, other: "EstimationStats") -> "EstimationStats":
+        """Two passes over the same micro-batches (two groups of modules)."""
+        return EstimationStats(self.micro_batches_per_rank, self.seconds + other.seconds,
+                               self.passes + other.passes)
+
+
+def layer_shapes(layers: dict[str, LoRASBLinear]) -> dict[str, tuple[int, int]]:
+    """{name: (out, in)} of the wrapped layers, in model order."""
+    return {name: (layer.out_features, layer.in_features) for name, layer in layers.items()}
+
+
+def max_accum_bytes(cfg: LoraSBConfig) -> int | None:
+    """``lorasb.est_max_accum_gb`` in bytes (None: no budget)."""
+    return None if cfg.est_max_accum_gb is None else int(cfg.est_max_accum_gb * 1e9)
 
 
 def estimate_gradients(model: torch.nn.Module, layers: dict[str, LoRASBLinear],

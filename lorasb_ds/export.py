@@ -217,9 +217,9 @@ def export_peft(adapter_dir: str, out_dir: str, base_model: str | None = None) -
         raise ConfigError(f"--adapter {adapter_dir}: method 'full' trained every weight and has no LoRA form; "
                           "write the fine-tuned model with `lorasb merge` instead")
     os.makedirs(out_dir, exist_ok=True)
-    _atomic_save_file(peft_state_dict(adapter, weights), os.path.join(out_dir, PEFT_WEIGHTS_NAME), {"format": "pt"})
+    atomic_save_file(peft_state_dict(adapter, weights), os.path.join(out_dir, PEFT_WEIGHTS_NAME), {"format": "pt"})
     config = peft_config(meta, base_model or meta.get("model"))
-    _atomic_write_text(json.dumps(config, indent=2) + "\n", os.path.join(out_dir, PEFT_CONFIG_NAME))
+    atomic_write_text(json.dumps(config, indent=2) + "\n", os.path.join(out_dir, PEFT_CONFIG_NAME))
     return out_dir
 
 
@@ -379,13 +379,15 @@ def _copy_other_files(src_dir: str, dst_dir: str, skip: set[str]) -> None:
 # --------------------------------------------------------------------------- atomic writes
 
 
-def _atomic_save_file(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str]) -> None:
+def atomic_save_file(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str]) -> None:
+    """safetensors ``save_file`` to a temporary name, then renamed over ``path``: never half a file."""
     tmp = f"{path}.tmp{os.getpid()}"
     save_file(tensors, tmp, metadata=metadata)
     os.replace(tmp, path)
 
 
-def _atomic_write_text(text: str, path: str) -> None:
+def atomic_write_text(text: str, path: str) -> None:
+    """``text`` to a temporary name, then renamed over ``path``: never half a file."""
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
         f.write(text)

@@ -5,7 +5,7 @@ Per module, on its owner rank only:
 
     dW = -lr_eff * sign(G)      (update = "sign": the first, bias-corrected Adam step)
     dW = -lr_eff * G            (update = "sgd")
-    dW ~= U_r S_r V_r^T         (torch.svd_lowrank with q = r + oversample, or torch.linalg.svd)
+    dW ~= U_r S_r V_r^T         (truncated_svd: a converged block Krylov SVD by default)
     B = U_r (out x r),  A = V_r^T (r x in),  R = diag(S_r) (r x r)
 
 so ``B R A`` is the best rank-r approximation of dW (exactly so with ``svd = "exact"``). W0 is left
@@ -29,10 +29,11 @@ import math
 import os
 import uuid
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import ConfigError, LoraSBConfig
@@ -47,6 +48,7 @@ class LayerInit:
     A: torch.Tensor  # (r, in) fp32
     R: torch.Tensor  # (r, r) fp32
     energy: float  # sum(S_r^2) / ||dW||_F^2
+    svd_iterations: int = 0  # TruncatedSVD.iterations of the SVD that made B, A (0: none, or exact)
 
 
 def update_from_gradient(G: torch.Tensor, update: str, lr_eff: float) -> torch.Tensor:
@@ -54,37 +56,99 @@ def update_from_gradient(G: torch.Tensor, update: str, lr_eff: float) -> torch.T
     return -lr_eff * (torch.sign(G) if update == "sign" else G)
 
 
-def truncated_svd(dW: torch.Tensor, r: int, method: str, oversample: int, niter: int,
-                  seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-r ``U (out x r), S (r,), V (in x r)`` of dW; the randomized sketch is seeded."""
-    if method == "exact":
-        U, S, Vh = torch.linalg.svd(dW, full_matrices=False)
-        return U[:, :r], S[:r], Vh[:r].T
-    q = min(r + oversample, *dW.shape)
-    with torch.random.fork_rng(devices=[dW.device] if dW.device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        U, S, V = torch.svd_lowrank(dW, q=q, niter=niter)
-    return U[:, :r], S[:r], V[:, :r]
+EXACT_BELOW_BLOCKS = 8
+"""``converged`` runs the exact SVD when the shorter side is at most this many Krylov blocks: the
+space would fill most of it anyway (flat spectra take 6-11 blocks), and the exact SVD is then cheaper."""
+
+
+class TruncatedSVD(NamedTuple):
+    U: torch.Tensor  # (out, r), orthonormal columns
+    S: torch.Tensor  # (r,), descending
+    V: torch.Tensor  # (in, r), orthonormal columns
+    iterations: int  # Krylov blocks (converged), power iterations (randomized), 0 (exact)
+
+
+def truncated_svd(M: torch.Tensor, r: int, cfg: LoraSBConfig, seed: int) -> TruncatedSVD:
+    """Top-r singular triplets of M (out x in) by ``cfg.svd``; the random start is seeded.
+
+    ``converged``: a block Krylov space grown until its captured top-r energy stops rising (an exact
+    SVD where the matrix is narrow); ``randomized``: ``torch.svd_lowrank`` with a fixed number of
+    power iterations (the reference code's choice); ``exact``: ``torch.linalg.svd``.
+    """
+    block = min(r + cfg.svd_oversample, *M.shape)
+    if cfg.svd == "exact" or (cfg.svd == "converged" and min(M.shape) <= EXACT_BELOW_BLOCKS * block):
+        U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+        return TruncatedSVD(U[:, :r], S[:r], Vh[:r].T, 0)
+    generator = torch.Generator().manual_seed(seed)
+    if cfg.svd == "randomized":
+        with torch.random.fork_rng(devices=[M.device] if M.device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            U, S, V = torch.svd_lowrank(M, q=block, niter=cfg.svd_niter)
+        return TruncatedSVD(U[:, :r], S[:r], V[:, :r], cfg.svd_niter)
+    if M.shape[0] > M.shape[1]:  # grow the space on the shorter side
+        U, S, V, iterations = _block_krylov(M.T, r, block, cfg.svd_tol, cfg.svd_max_iter, generator)
+        return TruncatedSVD(V, S, U, iterations)
+    return TruncatedSVD(*_block_krylov(M, r, block, cfg.svd_tol, cfg.svd_max_iter, generator))
+
+
+def _block_krylov(M: torch.Tensor, r: int, block: int, tol: float, max_iter: int,
+                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Top-r SVD of M (m x n, m <= n) from span[M X, (M M^T) M X, ...], X random (n x block).
+
+    Q (m x k) is the orthonormal basis so far and Z = Q^T M (k x n); the top-r energy the space
+    captures is the sum of the r largest eigenvalues of Z Z^T (k x k, kept up to date block by block).
+    A block is added while that energy rises by more than ``tol`` (relative), up to ``max_iter``
+    blocks or the whole of R^m. Per block: two products with M, like one power iteration; then one
+    Rayleigh-Ritz step.
+    """
+    m = M.shape[0]
+    Y = M @ torch.randn(M.shape[1], block, generator=generator).to(M)
+    Q = M.new_empty(m, 0)
+    Z = M.new_empty(0, M.shape[1])
+    gram = M.new_empty(0, 0)
+    previous = -1.0
+    for iterations in range(1, max_iter + 1):
+        Y = Y[:, : m - Q.shape[1]]
+        for _ in range(2):  # twice is enough (Giraud et al.): the new block is orthogonal to Q
+            Y = Y - Q @ (Q.T @ Y)
+        Q_new = torch.linalg.qr(Y).Q
+        Z_new = Q_new.T @ M
+        cross = Z @ Z_new.T
+        gram = torch.cat([torch.cat([gram, cross], 1), torch.cat([cross.T, Z_new @ Z_new.T], 1)], 0)
+        Q, Z = torch.cat([Q, Q_new], 1), torch.cat([Z, Z_new], 0)
+        energy = float(torch.linalg.eigvalsh(gram)[-r:].sum())
+        if energy - previous <= tol * energy or Q.shape[1] >= m:
+            break
+        previous = energy
+        Y = M @ Z_new.T  # (M M^T) Q_new
+    # Rayleigh-Ritz: the top-r eigenvectors of Q^T M M^T Q give the best rank-r subspace within Q's span
+    Q = torch.linalg.qr(Q).Q  # orthonormal even if a last block was numerically dependent
+    Z = Q.T @ M
+    U = Q @ torch.linalg.eigh(Z @ Z.T).eigenvectors[:, -r:]
+    Ub, S, Vh = torch.linalg.svd(U.T @ M, full_matrices=False)  # r x n: cheap
+    return U @ Ub, S, Vh.T, iterations
 
 
 def init_from_gradient(G: torch.Tensor, cfg: LoraSBConfig, lr_eff: float, seed: int) -> LayerInit:
     """Owner-rank work for one module: dW, its truncated SVD, and B, A, R."""
     dW = update_from_gradient(G.float(), cfg.update, lr_eff)
-    U, S, V = truncated_svd(dW, cfg.r, cfg.svd, cfg.svd_oversample, cfg.svd_niter, seed)
+    U, S, V, iterations = truncated_svd(dW, cfg.r, cfg, seed)
     total = float(dW.square().sum())
     energy = float(S.square().sum()) / total if total > 0 else 0.0
-    return LayerInit(B=U.contiguous(), A=V.T.contiguous(), R=torch.diag(S), energy=energy)
+    return LayerInit(B=U.contiguous(), A=V.T.contiguous(), R=torch.diag(S), energy=energy,
+                     svd_iterations=iterations)
 
 
 @torch.no_grad()
 def init_from_weight(W0: torch.Tensor, cfg: LoraSBConfig, seed: int) -> LayerInit:
     """LoRA-XS (Balazy et al., arXiv 2405.17604): B, A from the top-r SVD of W0 itself, R near 0."""
     W0 = W0.float()
-    U, S, V = truncated_svd(W0, cfg.r, cfg.svd, cfg.svd_oversample, cfg.svd_niter, seed)
+    U, S, V, iterations = truncated_svd(W0, cfg.r, cfg, seed)
     generator = torch.Generator().manual_seed(seed)
     R = 1e-5 * torch.randn(cfg.r, cfg.r, generator=generator)
     energy = float(S.square().sum()) / max(float(W0.square().sum()), 1e-30)
-    return LayerInit(B=U.contiguous().cpu(), A=(S[:, None] * V.T).contiguous().cpu(), R=R, energy=energy)
+    return LayerInit(B=U.contiguous().cpu(), A=(S[:, None] * V.T).contiguous().cpu(), R=R, energy=energy,
+                     svd_iterations=iterations)
 
 
 def lora_init(out_features: int, in_features: int, cfg: LoraSBConfig, seed: int) -> LayerInit:
@@ -106,17 +170,17 @@ def broadcast_inits(layers: dict[str, LoRASBLinear], local: dict[str, LayerInit]
     result: dict[str, LayerInit] = {}
     for name, layer in layers.items():
         out_f, in_f, r = layer.out_features, layer.in_features, layer.r
-        sizes = [out_f * r, r * in_f, r * r, 1]
+        sizes = [out_f * r, r * in_f, r * r, 1, 1]
         if owners[name] == rank:
             mine = local[name]
             flat = torch.cat([mine.B.flatten(), mine.A.flatten(), mine.R.flatten(),
-                              torch.tensor([mine.energy], device=mine.B.device)]).to(device)
+                              torch.tensor([mine.energy, mine.svd_iterations], device=mine.B.device)]).to(device)
         else:
             flat = torch.empty(sum(sizes), dtype=torch.float32, device=device)
         dist.broadcast(flat, src=owners[name])
-        B, A, R, e = flat.cpu().split(sizes)
+        B, A, R, e, iterations = flat.cpu().split(sizes)
         result[name] = LayerInit(B.view(out_f, r).clone(), A.view(r, in_f).clone(), R.view(r, r).clone(),
-                                 float(e))
+                                 float(e), int(iterations))
     return result
 
 
@@ -162,7 +226,8 @@ def save_init_file(path: str, inits: dict[str, LayerInit], metadata: dict) -> No
         tensors[f"{name}.lora_B"] = init.B.contiguous()
         tensors[f"{name}.lora_A"] = init.A.contiguous()
         tensors[f"{name}.lora_R"] = init.R.contiguous()
-    meta = dict(metadata, format=INIT_FORMAT, energy={n: i.energy for n, i in inits.items()})
+    meta = dict(metadata, format=INIT_FORMAT, energy={n: i.energy for n, i in inits.items()},
+                svd_iterations={n: i.svd_iterations for n, i in inits.items()})
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     save_file(tensors, tmp, metadata={"lorasb": json.dumps(meta)})
@@ -170,8 +235,12 @@ def save_init_file(path: str, inits: dict[str, LayerInit], metadata: dict) -> No
 
 
 def read_init_metadata(path: str) -> dict:
-    with safe_open(path, framework="pt") as f:
-        raw = (f.metadata() or {}).get("lorasb")
+    try:
+        with safe_open(path, framework="pt") as f:
+            raw = (f.metadata() or {}).get("lorasb")
+    except (OSError, SafetensorError) as e:
+        raise ConfigError(f"train.init_file {path} cannot be read as safetensors ({e}); it may be truncated: "
+                          "use a complete init file or drop train.init_file to estimate anew") from None
     if raw is None:
         raise ConfigError(f"train.init_file {path} is not a LoRA-SB init file (no 'lorasb' metadata)")
     meta = json.loads(raw)
@@ -206,5 +275,6 @@ def load_init_file(path: str, layers: dict[str, LoRASBLinear]) -> tuple[dict[str
             want = [(layer.out_features, layer.r), (layer.r, layer.in_features), (layer.r, layer.r)]
             if [tuple(B.shape), tuple(A.shape), tuple(R.shape)] != want:
                 raise ConfigError(f"train.init_file {path}: shapes of '{name}' differ from this model's")
-            inits[name] = LayerInit(B, A, R, float(meta.get("energy", {}).get(name, float("nan"))))
+            inits[name] = LayerInit(B, A, R, float(meta.get("energy", {}).get(name, float("nan"))),
+                                    int(meta.get("svd_iterations", {}).get(name, 0)))
     return inits, meta

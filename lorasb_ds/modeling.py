@@ -115,11 +115,30 @@ def load_tokenizer(cfg: ModelConfig):
 
 
 def check_model_source(cfg: ModelConfig) -> None:
-    """A local-looking path that does not exist is a clear error, not a hub lookup."""
+    """The model's config.json can be read: a local directory holds one, a hub name resolves (from the
+    cache alone under HF_HUB_OFFLINE=1). Each failure is one ConfigError, before anything heavy."""
     p = cfg.name_or_path
-    if p and not os.path.isdir(os.path.expanduser(p)) and not could_be_hub_name(p):
+    if not p:
+        return
+    local = os.path.expanduser(p)
+    if os.path.isdir(local):
+        if not os.path.isfile(os.path.join(local, "config.json")):
+            raise ConfigError(f"model.name_or_path: '{p}' holds no config.json; point it at a Hugging Face "
+                              "checkpoint directory (as save_pretrained or lorasb fetch write one)")
+        return
+    if not could_be_hub_name(p):
         raise ConfigError(f"model.name_or_path: no such directory '{p}' (a hub model is named like "
                           "owner/name, e.g. meta-llama/Llama-3.2-3B)")
+    try:
+        AutoConfig.from_pretrained(p, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        import huggingface_hub.constants
+
+        why = ("HF_HUB_OFFLINE is set and it is not in the local cache" if huggingface_hub.constants.HF_HUB_OFFLINE
+               else str(e).strip().splitlines()[0])
+        raise ConfigError(f"model.name_or_path: '{p}' is no local directory and its config could not be read "
+                          f"from the hub ({why}); check the name, download it, or give a local checkpoint "
+                          "directory (offline: set HF_HUB_OFFLINE=1 to fail fast)") from None
 
 
 def load_model(cfg: ModelConfig, ds_config: dict, dtype: torch.dtype,

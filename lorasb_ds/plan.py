@@ -22,7 +22,10 @@ Model states (both phases)::
 
 Estimation phase only (skipped when an init file is reused)::
 
-    owner accumulators  4 * max_k sum_{owned by k} o * i     fp32, greedy owners balanced by o * i
+    owner accumulators  4 * max_g max_k sum_{in group g, owned by k} o * i
+                                                  fp32, greedy owners balanced by o * i; one group g, or
+                                                  consecutive groups within lorasb.est_max_accum_gb, each
+                                                  estimated in its own pass
     gradient in flight  3 * 4 * max(o * i)                   2 async reduces + the one being computed
                       + 4 * T * max(o + i)                   its fp32 copies of g (T x o) and x (T x i)
     reference approach  4 * sum o * i                        every gradient all-reduced to every rank
@@ -82,7 +85,7 @@ import torch
 import torch.nn as nn
 
 from .config import LLAMA_TARGETS, ConfigError
-from .estimate import assign_owners
+from .estimate import assign_owners, estimation_groups
 from .layer import shape_of
 from .surgery import find_targets
 
@@ -294,6 +297,8 @@ class Settings:
     flash_attention: bool = True
     prefetch_bucket_size: int = DEFAULT_PREFETCH
     reduce_bucket_size: int = DEFAULT_REDUCE_BUCKET
+    est_max_accum_bytes: int | None = None
+    """lorasb.est_max_accum_gb in bytes; None: one estimation pass."""
 
 
 @dataclass(frozen=True)
@@ -317,7 +322,9 @@ class Plan:
     r_gradient: int
     reduce_bucket: int
     owner_accumulators: tuple[int, ...] = field(repr=False)
-    """Per rank k: 4 * sum of out * in of the modules k owns."""
+    """Per rank k: 4 * sum of out * in of the modules k owns, in the pass where that is largest."""
+    est_passes: int
+    """Passes over the estimation batches: groups of modules under ``settings.est_max_accum_bytes``."""
     grad_in_flight: int
     activations_full: int
     """Training activations without checkpointing."""
@@ -373,12 +380,19 @@ def dtype_bytes(dtype: str) -> int:
     return DTYPE_BYTES[dtype]
 
 
-def owner_loads(shapes: dict[str, tuple[int, int]], world_size: int) -> list[int]:
-    """Elements (sum of out * in) each rank owns under ``assign_owners``."""
+def owner_loads(shapes: dict[str, tuple[int, int]], world_size: int,
+                max_bytes: int | None = None) -> tuple[list[int], int]:
+    """Elements (sum of out * in) each rank owns under ``assign_owners`` in its heaviest estimation
+    pass, and the number of passes (``estimate.estimation_groups`` under ``max_bytes``)."""
+    owners = assign_owners(shapes, world_size)
+    groups = estimation_groups(shapes, owners, max_bytes)
     loads = [0] * world_size
-    for name, rank in assign_owners(shapes, world_size).items():
-        loads[rank] += shapes[name][0] * shapes[name][1]
-    return loads
+    for group in groups:
+        mine = [0] * world_size
+        for name in group:
+            mine[owners[name]] += shapes[name][0] * shapes[name][1]
+        loads = [max(a, b) for a, b in zip(loads, mine)]
+    return loads, len(groups)
 
 
 def gathered_fraction(world_size: int) -> float:
@@ -397,6 +411,7 @@ def plan_from_shape(m: ModelShape, s: Settings) -> Plan:
     widest_target = max(o + i for o, i in m.shapes.values())
     w0_gather_traffic = 2 * m.total_params * p * gathered_fraction(w)
     w0_shard = math.ceil(m.total_params / w) * p
+    loads, passes = owner_loads(m.shapes, w, s.est_max_accum_bytes)
     return Plan(
         model=m, settings=s, r_params=r2, b_a_elements=b_a,
         w0_shard=w0_shard,
@@ -407,7 +422,8 @@ def plan_from_shape(m: ModelShape, s: Settings) -> Plan:
         r_optimizer_total=ADAM_STATES * FP32 * r2,
         r_gradient=math.ceil(FP32 * r2 / w),
         reduce_bucket=s.reduce_bucket_size * p,
-        owner_accumulators=tuple(FP32 * load for load in owner_loads(m.shapes, w)),
+        owner_accumulators=tuple(FP32 * load for load in loads),
+        est_passes=passes,
         grad_in_flight=(IN_FLIGHT * FP32 * largest_target
                         + FP32 * s.est_micro_batch * s.seq_len * widest_target),
         activations_full=activation_bytes(m, s.micro_batch, s.seq_len, p, False, s.flash_attention, s.r),
@@ -425,11 +441,12 @@ def plan_memory(model_config, r: int, target_modules=LLAMA_TARGETS, world_size: 
                 micro_batch: int = 1, seq_len: int = 2048, dtype: str = "bf16", offload_param: bool = False,
                 gradient_checkpointing: bool = True, est_micro_batch: int | None = None,
                 flash_attention: bool = True, prefetch_bucket_size: int = DEFAULT_PREFETCH,
-                reduce_bucket_size: int = DEFAULT_REDUCE_BUCKET) -> Plan:
+                reduce_bucket_size: int = DEFAULT_REDUCE_BUCKET, est_max_accum_gb: float | None = None) -> Plan:
     """Plan a run: builds the meta model once, then ``plan_from_shape``.
 
     ``est_micro_batch`` defaults to ``micro_batch``; ``flash_attention`` False counts eager attention's
-    b * heads * s^2 score matrices; the bucket sizes are in elements (DeepSpeed's settings).
+    b * heads * s^2 score matrices; the bucket sizes are in elements (DeepSpeed's settings);
+    ``est_max_accum_gb`` as ``lorasb.est_max_accum_gb``.
     """
     dtype_bytes(dtype)
     shape = describe_model(model_config, target_modules, r)
@@ -437,7 +454,8 @@ def plan_memory(model_config, r: int, target_modules=LLAMA_TARGETS, world_size: 
                         est_micro_batch=est_micro_batch or micro_batch, seq_len=seq_len, dtype=dtype,
                         offload_param=offload_param, gradient_checkpointing=gradient_checkpointing,
                         flash_attention=flash_attention, prefetch_bucket_size=prefetch_bucket_size,
-                        reduce_bucket_size=reduce_bucket_size)
+                        reduce_bucket_size=reduce_bucket_size,
+                        est_max_accum_bytes=None if est_max_accum_gb is None else int(est_max_accum_gb * GB))
     return plan_from_shape(shape, settings)
 
 
@@ -471,7 +489,9 @@ def format_plan(plan: Plan) -> str:
         ("DeepSpeed reduce bucket", plan.reduce_bucket, f"reduce_bucket_size {s.reduce_bucket_size:,} x {p} B"),
         ("estimation phase (skipped with --init_file)", None, ""),
         ("owner accumulators, fp32 (max rank)", plan.owner_accumulator_max,
-         f"{len(m.shapes)} modules, {m.target_params / 1e9:.2f} B elements over {s.world_size} ranks"),
+         f"{len(m.shapes)} modules, {m.target_params / 1e9:.2f} B elements over {s.world_size} ranks"
+         + (f", {plan.est_passes} passes within {gb(s.est_max_accum_bytes)} GB"
+            if s.est_max_accum_bytes is not None else ", one pass")),
         ("gradients in flight, fp32", plan.grad_in_flight, f"{IN_FLIGHT} x largest out x in + fp32 g, x"),
         (f"activations (micro-batch {s.est_micro_batch})", plan.activations_estimation,
          "checkpointed" if s.gradient_checkpointing else "not checkpointed"),
@@ -509,6 +529,27 @@ def format_plan(plan: Plan) -> str:
 # ----------------------------------------------------------------------------------- fitting
 
 
+def fewest_passes(plan: Plan, device_memory_gb: float, headroom: float = 0.10) -> Plan | None:
+    """The plan with the fewest estimation passes whose estimation peak fits, and among those the
+    smallest accumulator budget (the most even groups); None when even one module at a time does not
+    fit. Budgets are multiples of 0.1 GB, so that one can be set as ``lorasb.est_max_accum_gb`` as
+    printed."""
+    step = 10 ** 8
+    room = device_memory_gb * GB * (1 - headroom) - (plan.estimation_peak - plan.owner_accumulator_max)
+    low = math.ceil(FP32 * max(o * i for o, i in plan.model.shapes.values()) / step)
+    high = math.floor(room / step)
+    if high < low:
+        return None
+    passes = owner_loads(plan.model.shapes, plan.settings.world_size, high * step)[1]
+    while low < high:  # more budget never makes more groups: bisect for the least with as few passes
+        mid = (low + high) // 2
+        if owner_loads(plan.model.shapes, plan.settings.world_size, mid * step)[1] == passes:
+            high = mid
+        else:
+            low = mid + 1
+    return replan(plan, est_max_accum_bytes=high * step)
+
+
 def check_fit(plan: Plan, device_memory_gb: float, headroom: float = 0.10) -> list[str]:
     """Knobs that lower the peak of a plan over ``device_memory_gb * (1 - headroom)``, largest effect
     first, each with the GB it saves and whether it alone is enough; [] when the plan fits.
@@ -535,6 +576,10 @@ def check_fit(plan: Plan, device_memory_gb: float, headroom: float = 0.10) -> li
     if s.reduce_bucket_size > plan.r_params:
         candidates.append((f"set zero_optimization.reduce_bucket_size to {plan.r_params:,} (all of R)",
                            replan(plan, reduce_bucket_size=plan.r_params)))
+    grouped = fewest_passes(plan, device_memory_gb, headroom)
+    if grouped is not None and grouped.est_passes > plan.est_passes:
+        candidates.append((f"set lorasb.est_max_accum_gb to {gb(grouped.settings.est_max_accum_bytes)} "
+                           f"({grouped.est_passes} estimation passes)", grouped))
     candidates.append(_more_ranks(plan, budget))
     knobs = [(plan.peak - new.peak, text, new.peak <= budget) for text, new in candidates]
     knobs = sorted((k for k in knobs if k[0] > 0), key=lambda k: -k[0])

@@ -41,12 +41,16 @@ def find_targets(model: nn.Module, target_modules: list[str], r: int) -> list[tu
                 f"lorasb.target_modules: '{name}' is a {type(module).__name__}, not a torch.nn.Linear; "
                 "remove its suffix from the targets"
             )
-        out_f, in_f = shape_of(module)
-        if r > min(out_f, in_f):
-            raise ConfigError(
-                f"lorasb.r = {r} exceeds min(out, in) = {min(out_f, in_f)} of '{name}' ({out_f} x {in_f}); "
-                f"lower lorasb.r to at most {min(out_f, in_f)} or drop that target"
-            )
+    # r is bound by the narrowest target: name it, and the limit that makes every target valid
+    name, module = min(found, key=lambda item: min(shape_of(item[1])))
+    out_f, in_f = shape_of(module)
+    if r > min(out_f, in_f):
+        too_narrow = sorted({n.rsplit(".", 1)[-1] for n, m in found if min(shape_of(m)) < r})
+        raise ConfigError(
+            f"lorasb.r = {r} exceeds min(out, in) = {min(out_f, in_f)} of '{name}' ({out_f} x {in_f}), the "
+            f"narrowest target; lower lorasb.r to at most {min(out_f, in_f)}, or drop the targets narrower "
+            f"than {r} ({', '.join(too_narrow)})"
+        )
     return found
 
 

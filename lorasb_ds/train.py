@@ -30,13 +30,13 @@ from .config import (BatchLayout, ConfigError, RunConfig, check_precision, preci
                      resolve_batch_layout)
 from .data import (collate, describe_truncation, estimation_indices, fingerprint, load_rows, tokenize_rows,
                    train_batches)
-from .estimate import (EstimationStats, assign_owners, check_finite, estimate_gradients,
-                       weighted_estimation_batches)
-from .export import INIT_FILE_NAME, save_adapter
+from .estimate import (EstimationStats, assign_owners, check_finite, estimate_gradients, estimation_groups,
+                       layer_shapes, max_accum_bytes, weighted_estimation_batches)
+from .export import INIT_FILE_NAME, atomic_write_text, save_adapter
 from .init import (LayerInit, apply_inits, broadcast_inits, check_init_metadata, init_from_gradient,
                    init_from_weight, load_init_file, lora_init, new_init_id, read_init_metadata,
                    save_init_file)
-from .layer import LoRASBLinear
+from .layer import LoRASBLinear, shape_of
 from .modeling import (auto_class, builtin_name, check_model_source, load_model, load_tokenizer,
                        tiny_llama_config, tiny_roberta_config)
 from .surgery import ParameterCounts, count_parameters, find_targets, modules_to_save, train_modules, wrap_targets
@@ -63,16 +63,19 @@ def model_dtype(ds_config: dict) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision(ds_config)]
 
 
-def check_targets_without_weights(cfg: RunConfig) -> None:
-    """Fail on bad targets, rank or modules to save from the model's config alone, before any weight
-    is loaded."""
+def check_targets_without_weights(cfg: RunConfig, world: int) -> None:
+    """Fail on bad targets, rank, modules to save or accumulator budget from the model's config alone,
+    before any weight is loaded."""
     if cfg.lorasb.method == "full":
         return
     with torch.device("meta"):
         skeleton = auto_class(cfg.model.task).from_config(model_config_of(cfg),
                                                           trust_remote_code=cfg.model.trust_remote_code)
-    find_targets(skeleton, cfg.lorasb.target_modules, cfg.lorasb.r)
+    found = find_targets(skeleton, cfg.lorasb.target_modules, cfg.lorasb.r)
     modules_to_save(skeleton, cfg.lorasb.modules_to_save, cfg.model.task)
+    if cfg.lorasb.method == "lorasb":
+        shapes = {name: shape_of(module) for name, module in found}
+        estimation_groups(shapes, assign_owners(shapes, world), max_accum_bytes(cfg.lorasb))
 
 
 def num_labels_of(cfg: RunConfig) -> int | None:
@@ -112,12 +115,31 @@ def init_metadata(cfg: RunConfig) -> dict:
 
 
 class Logger:
-    """Rank 0 writes metrics to ``metrics.jsonl`` and to TensorBoard through ``engine.monitor``."""
+    """Rank 0 writes metrics to ``metrics.jsonl`` and to TensorBoard through ``engine.monitor``.
 
-    def __init__(self, engine, output_dir: str, rank: int, append: bool = False):
+    ``resume_step``: a resumed run continues its own log from that step. Records of later steps (written
+    after the checkpoint, before the run stopped) are dropped from ``metrics.jsonl``, and TensorBoard is
+    told to purge its points past the checkpoint (a ``SessionLog.START`` event, as ``SummaryWriter``'s
+    ``purge_step`` writes one), so that each step appears once in both."""
+
+    def __init__(self, engine, output_dir: str, rank: int, resume_step: int | None = None):
         self.engine, self.rank = engine, rank
+        self.file = None
+        if rank != 0:
+            return
         path = os.path.join(output_dir, "metrics.jsonl")
-        self.file = open(path, "a" if append else "w") if rank == 0 else None
+        kept = []
+        if resume_step is not None and os.path.isfile(path):
+            kept = [line for line in open(path) if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+        atomic_write_text("".join(kept), path)
+        self.file = open(path, "a")
+        writer = getattr(getattr(engine.monitor, "tb_monitor", None), "summary_writer", None)
+        if resume_step is not None and writer is not None:
+            from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+
+            # TensorBoard keeps the points before this step, of every file in the folder, and drops the rest
+            writer.file_writer.add_event(Event(step=engine.global_samples + 1,
+                                               session_log=SessionLog(status=SessionLog.START)))
 
     def log(self, record: dict, tb: dict[str, float] | None = None) -> None:
         if self.rank != 0:
@@ -183,6 +205,10 @@ def prepare(cfg: RunConfig, ds_config: dict) -> Prepared:
 
     check_output_dir(cfg)
     resume_from, marker = resume_point(cfg)
+    if cfg.train.resume and os.environ.get("RANK", "0") == "0":  # say what --resume found, either way
+        print(f"[lorasb] --resume {cfg.train.resume}: " + (
+            f"continuing from {resume_from} (step {marker['step']})" if marker is not None else
+            f"no complete checkpoint in {cfg.train.output_dir}; starting a new run"))
     init_file = cfg.train.init_file
     if marker is not None:  # B and A come from the run's own init file: never estimated again
         init_file = marker["init_file"]
@@ -192,7 +218,7 @@ def prepare(cfg: RunConfig, ds_config: dict) -> Prepared:
     check_model_source(cfg.model)
     layout = resolve_batch_layout(ds_config, world_size_from_env())
     check_precision(ds_config, get_accelerator().device_name())
-    check_targets_without_weights(cfg)
+    check_targets_without_weights(cfg, layout.world_size)
     tokenizer = load_tokenizer(cfg.model)
     rows = load_rows(cfg.data, cfg.train.seed)
     examples, truncated = tokenize_rows(rows, tokenizer, cfg.data)
@@ -239,8 +265,8 @@ def build(p: Prepared) -> Session:
     if world != layout.world_size:  # an MPI launch announces its size only now
         layout = resolve_batch_layout(ds_config, world)
         plan = make_plan(cfg, len(examples), layout.micro_batch, layout.grad_accum, world)
+    os.makedirs(out_dir, exist_ok=True)  # on every rank: nodes need not share a filesystem
     if rank == 0:
-        os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "run_config.json"), "w") as f:
             json.dump({"run": cfg.to_dict(), "deepspeed": ds_config}, f, indent=2)
     deepspeed.runtime.utils.set_random_seed(cfg.train.seed)
@@ -265,7 +291,6 @@ def build(p: Prepared) -> Session:
             opt, lr_lambda(t.schedule, plan.warmup_steps, plan.total_steps)),
         config=ds_config,
     )
-    shapes = {name: (layer.out_features, layer.in_features) for name, layer in layers.items()}
     if rank == 0:
         print(f"[lorasb] world {world}, micro-batch {layout.micro_batch} x accumulation "
               f"{layout.grad_accum} -> global batch {layout.global_batch}; {len(examples)} samples "
@@ -273,7 +298,7 @@ def build(p: Prepared) -> Session:
         print(f"[lorasb] method {cfg.lorasb.method}, {len(layers)} adapter layers, r={cfg.lorasb.r}: "
               f"{counts.describe()}")
     return Session(cfg, engine, scheduler, layers, trained, saved, counts, p.tokenizer, examples, p.truncated, layout, plan,
-                   rank, world, device, assign_owners(shapes, world), p.data_fingerprint)
+                   rank, world, device, assign_owners(layer_shapes(layers), world), p.data_fingerprint)
 
 
 def init_adapters(s: Session) -> tuple[dict[str, LayerInit], dict, EstimationStats | None]:
@@ -289,41 +314,56 @@ def init_adapters(s: Session) -> tuple[dict[str, LayerInit], dict, EstimationSta
     index = {name: i for i, name in enumerate(s.layers)}  # a per-module seed, owner-independent
     mine = [name for name in s.layers if s.owners[name] == s.rank]
     stats = None
-    if method == "lorasb":
+    local: dict[str, LayerInit] = {}
+    init_seconds = 0.0
+    if method == "lorasb":  # group by group: estimate G (collective), then the owners' SVDs free it
         batches = weighted_estimation_batches(s.examples, cfg.lorasb.est_samples, cfg.lorasb.est_micro_batch,
                                               s.rank, s.world, cfg.train.seed, s.tokenizer.pad_token_id)
-        grads, stats = estimate_gradients(s.engine.module, s.layers, batches, s.owners, s.device)
-        check_finite(grads, list(s.layers), s.device)
+        for group in estimation_groups(layer_shapes(s.layers), s.owners, max_accum_bytes(cfg.lorasb)):
+            layers = {name: s.layers[name] for name in group}
+            grads, group_stats = estimate_gradients(s.engine.module, layers, batches, s.owners, s.device)
+            stats = group_stats if stats is None else stats.add(group_stats)
+            check_finite(grads, group, s.device)
+            t0 = time.perf_counter()
+            for name in group:
+                if name in mine:
+                    local[name] = init_from_gradient(grads.pop(name), cfg.lorasb, s.plan.lr_eff,
+                                                     cfg.train.seed + index[name])
+            init_seconds += time.perf_counter() - t0
     t0 = time.perf_counter()
-    local: dict[str, LayerInit] = {}
     for name, layer in s.layers.items():
         seed = cfg.train.seed + index[name]
-        if method == "lorasb" and name in mine:
-            local[name] = init_from_gradient(grads.pop(name), cfg.lorasb, s.plan.lr_eff, seed)
-        elif method == "loraxs":
+        if method == "loraxs":
             with deepspeed.zero.GatheredParameters([layer.base.weight]):  # every rank, every module
                 W0 = layer.base.weight.detach().float().clone() if name in mine else None
             if W0 is not None:
                 local[name] = init_from_weight(W0, cfg.lorasb, seed)
         elif method == "lora" and name in mine:
             local[name] = lora_init(layer.out_features, layer.in_features, cfg.lorasb, seed)
-    init_seconds = time.perf_counter() - t0
+    init_seconds += time.perf_counter() - t0
     inits = broadcast_inits(s.layers, local, s.owners, s.device)
     meta = dict(init_metadata(cfg), init_id=new_init_id(), seed=cfg.train.seed, world_size=s.world,
                 owners=s.owners, versions=_versions())
     if method == "lorasb":
         meta.update(update=cfg.lorasb.update, lr_eff=s.plan.lr_eff, est_samples=cfg.lorasb.est_samples,
-                    est_micro_batch=cfg.lorasb.est_micro_batch, data_fingerprint=s.data_fingerprint)
+                    est_micro_batch=cfg.lorasb.est_micro_batch, data_fingerprint=s.data_fingerprint,
+                    estimation_seconds=round(stats.seconds, 3) if stats else None)
     if method in ("lorasb", "loraxs"):
-        meta.update(svd=cfg.lorasb.svd, svd_oversample=cfg.lorasb.svd_oversample, svd_niter=cfg.lorasb.svd_niter)
+        meta.update(svd=cfg.lorasb.svd, svd_oversample=cfg.lorasb.svd_oversample, svd_niter=cfg.lorasb.svd_niter,
+                    svd_tol=cfg.lorasb.svd_tol, svd_max_iter=cfg.lorasb.svd_max_iter)
     if method == "lora":
         meta.update(lora_alpha=cfg.lorasb.lora_alpha if cfg.lorasb.lora_alpha is not None else 2 * cfg.lorasb.r)
     if s.rank == 0:
         save_init_file(os.path.join(cfg.train.output_dir, INIT_FILE_NAME), inits, meta)
         if stats is not None:
-            print(f"[lorasb] estimation: {stats.micro_batches_per_rank} micro-batches per rank in "
+            passes = f" ({stats.passes} passes)" if stats.passes > 1 else ""
+            print(f"[lorasb] estimation: {stats.micro_batches_per_rank} micro-batches per rank{passes} in "
                   f"{stats.seconds:.2f}s, lr_eff {s.plan.lr_eff:.3g}")
         print(f"[lorasb] {method} init of {len(inits)} layers: {init_seconds:.2f}s on rank 0")
+        if method in ("lorasb", "loraxs") and inits:
+            energies, iterations = [i.energy for i in inits.values()], [i.svd_iterations for i in inits.values()]
+            print(f"[lorasb] SVD ({cfg.lorasb.svd}): captured energy min {min(energies):.3f} mean "
+                  f"{sum(energies) / len(energies):.3f}; iterations max {max(iterations)}")
     return inits, meta, stats
 
 
@@ -416,15 +456,19 @@ def train_loop(s: Session, logger: Logger, position: Position | None = None,
 
 
 def check_output_dir(cfg: RunConfig) -> None:
-    """The output directory must be writable and must not hold another run (unless told)."""
+    """The output directory must be writable and must not hold another run (unless told). Nothing is
+    created here: a refused run leaves no folder behind (rank 0 creates it once the checks pass)."""
     out = cfg.train.output_dir
-    try:
-        os.makedirs(out, exist_ok=True)
-        probe = os.path.join(out, f".write-test-{os.getpid()}")
-        open(probe, "w").close()
-        os.remove(probe)
-    except OSError as e:
-        raise ConfigError(f"train.output_dir '{out}' is not writable: {e.strerror}; choose another") from None
+    existing = os.path.abspath(out)
+    while not os.path.exists(existing):  # the nearest ancestor that exists is where the folder will go
+        existing = os.path.dirname(existing)
+    why = None
+    if not os.path.isdir(existing):
+        why = f"'{existing}' is a file"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        why = f"no write permission on '{existing}'"
+    if why:
+        raise ConfigError(f"train.output_dir '{out}' is not writable ({why}); choose another")
     if os.path.exists(os.path.join(out, "run_config.json")) and not (cfg.train.resume or cfg.train.overwrite):
         raise ConfigError(f"train.output_dir '{out}' already holds a run; continue it with --resume auto, "
                           "start over with --overwrite, or choose another directory")
@@ -461,6 +505,7 @@ def run_identity(cfg: RunConfig) -> dict:
 
 def dry_run(p: Prepared) -> dict:
     """Print what a run would do (layout, steps, memory per rank) after every check; start nothing."""
+    from .dist import first_to_say
     from .plan import format_plan, plan_memory
 
     cfg, layout = p.cfg, p.layout
@@ -469,19 +514,21 @@ def dry_run(p: Prepared) -> dict:
                "global_batch": layout.global_batch, "samples": len(p.examples), "truncated": p.truncated,
                "steps": p.plan.total_steps, "warmup_steps": p.plan.warmup_steps, "lr_eff": p.plan.lr_eff,
                "init_file": cfg.train.init_file, "resume_from": p.resume_from}
-    print(json.dumps(summary, indent=2))
+    text = json.dumps(summary, indent=2)
     if cfg.lorasb.method != "lorasb":
-        print(f"[lorasb] the memory plan models lorasb.method=lorasb only; not printed for {cfg.lorasb.method}")
-        return summary
+        text += f"\n[lorasb] the memory plan models lorasb.method=lorasb only; not printed for {cfg.lorasb.method}"
     zero = p.ds_config.get("zero_optimization", {})
     buckets = {k: zero[k] for k in ("reduce_bucket_size", "prefetch_bucket_size") if k in zero}
     if "stage3_prefetch_bucket_size" in zero:
         buckets["prefetch_bucket_size"] = zero["stage3_prefetch_bucket_size"]
-    layer_plan = plan_memory(model_config_of(cfg), cfg.lorasb.r, cfg.lorasb.target_modules, layout.world_size,
-                             layout.micro_batch, cfg.data.max_length, precision(p.ds_config),
-                             bool(zero.get("offload_param")), cfg.model.gradient_checkpointing,
-                             cfg.lorasb.est_micro_batch, **buckets)
-    print(format_plan(layer_plan))
+    if cfg.lorasb.method == "lorasb":
+        layer_plan = plan_memory(model_config_of(cfg), cfg.lorasb.r, cfg.lorasb.target_modules, layout.world_size,
+                                 layout.micro_batch, cfg.data.max_length, precision(p.ds_config),
+                                 bool(zero.get("offload_param")), cfg.model.gradient_checkpointing,
+                                 cfg.lorasb.est_micro_batch, **buckets, est_max_accum_gb=cfg.lorasb.est_max_accum_gb)
+        text += "\n" + format_plan(layer_plan)
+    if first_to_say(text):  # every rank computed the same plan: print it once
+        print(text, flush=True)
     return summary
 
 
@@ -511,7 +558,6 @@ def run(cfg: RunConfig, ds_config: dict, dry: bool = False) -> dict:
     resume_from = prepared.resume_from
     preemption = PreemptionFlag()
     s = build(prepared)
-    logger = Logger(s.engine, out_dir, s.rank, append=bool(cfg.train.resume))
 
     # ---- B, A, R: from the init file, or estimated now
     est_stats = None
@@ -525,11 +571,18 @@ def run(cfg: RunConfig, ds_config: dict, dry: bool = False) -> dict:
     position = checkpoint.Position()
     if resume_from:
         position, _ = checkpoint.load(s.engine, resume_from)
+
+    # ---- the log: a resumed run continues its own from the checkpoint's step, each step once
+    logger = Logger(s.engine, out_dir, s.rank, resume_step=position.step if cfg.train.resume else None)
     energies = {name: init.energy for name, init in inits.items()}
+    iterations = {name: init.svd_iterations for name, init in inits.items()}
     logger.log({"event": "init", "estimated": est_stats is not None, "init_file": init_path,
                 "resumed_from": resume_from, "start_step": position.step, "lr_eff": init_meta.get("lr_eff"),
-                "mean_energy": sum(energies.values()) / max(1, len(energies))},
-               tb={f"Estimation/energy/{n}": e for n, e in energies.items()})
+                "mean_energy": sum(energies.values()) / max(1, len(energies)),
+                "max_svd_iterations": max(iterations.values(), default=0)},
+               tb=None if resume_from else {**{f"Estimation/energy/{n}": e for n, e in energies.items()},
+                                            **{f"Estimation/svd_iterations/{n}": k for n, k in iterations.items()}})
+    start_step = position.step
 
     extra = {"init_file": os.path.abspath(init_path), "init_id": init_meta["init_id"], "run": run_identity(cfg)}
     position, preempted = train_loop(
@@ -549,10 +602,14 @@ def run(cfg: RunConfig, ds_config: dict, dry: bool = False) -> dict:
         full = safe_get_full_fp32_param(p).detach().float().cpu()
         if s.rank == 0:
             final[name] = full.reshape(getattr(p, "ds_shape", p.shape))
+    estimated_by_this_run = cfg.lorasb.method == "lorasb" and (
+        os.path.abspath(init_path) == os.path.abspath(os.path.join(out_dir, INIT_FILE_NAME)))
     summary = {
         "method": cfg.lorasb.method, "steps": position.step, "world_size": s.world, "global_batch": s.layout.global_batch,
-        "estimated": est_stats is not None,
-        "estimation_seconds": est_stats.seconds if est_stats else None,
+        # the run's history, across resumes: B and A estimated by this run (now or before a resume)?
+        "estimated": estimated_by_this_run,
+        "estimation_seconds": init_meta.get("estimation_seconds") if estimated_by_this_run else None,
+        "resumed_from": resume_from, "resumed_at_step": start_step if resume_from else None,
         "init_id": init_meta.get("init_id"), "lr_eff": init_meta.get("lr_eff"),
         "trainable_parameters": s.counts.trainable, "frozen_adapter_parameters": s.counts.adapter_frozen,
         "base_parameters": s.counts.base, "truncated_samples": s.truncated,

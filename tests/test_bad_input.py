@@ -7,8 +7,10 @@ exit 2 with a message naming the setting, and the tripwire must not fire.
 
 import json
 import os
+import time
 
 import pytest
+import torch
 from safetensors.torch import save_file
 
 import lorasb_ds.train as train_module
@@ -38,11 +40,13 @@ def write(path, text):
 
 
 def fails(capsys, *args, ds_config=ZERO3, out=None):
-    """Run ``lorasb train``; it must exit 2; returns its error message."""
+    """Run ``lorasb train``; it must exit 2 and leave no new output folder; returns its error message."""
     argv = ["train", "--ds_config", ds_config, *args]
     if out is not None:
         argv += ["--output_dir", str(out)]
+    existed = out is not None and os.path.exists(out)
     assert main(argv) == 2
+    assert existed or out is None or not os.path.exists(out), f"a refused run created {out}"
     err = capsys.readouterr().err
     assert "lorasb: error: " in err  # (datasets may print a progress bar before it)
     return err.split("lorasb: error: ", 1)[1]
@@ -89,8 +93,13 @@ def test_batch_triple_that_does_not_match_the_world_size(tmp_path, capsys, monke
 
 @pytest.mark.parametrize("override, needle", [
     ("lorasb.r=100", "lorasb.r = 100 exceeds min(out, in) = 64"),
+    # the hint names the binding (narrowest) target, not the first one: q_proj is 128 wide, k_proj 64
+    ("lorasb.r=1000", "of 'model.layers.0.self_attn.k_proj' (64 x 128), the narrowest target; lower lorasb.r "
+                      "to at most 64, or drop the targets narrower than 1000 (down_proj, gate_proj, k_proj, "
+                      "o_proj, q_proj, up_proj, v_proj)"),
     ("lorasb.target_modules=q_proj,query_key_value", "['query_key_value'] match no module"),
     ("lorasb.target_modules=input_layernorm", "is a LlamaRMSNorm, not a torch.nn.Linear"),
+    ("lorasb.est_max_accum_gb=0.00001", "lorasb.est_max_accum_gb = 1e-05 is below the fp32 accumulator of"),
 ])
 def test_bad_targets_are_found_from_the_config_alone(tmp_path, capsys, override, needle):
     assert needle in fails(capsys, override, out=tmp_path / "o")
@@ -138,6 +147,38 @@ def test_init_file_from_another_model(tmp_path, capsys):
     assert "was made for model = 'other-org/other-model'" in err
 
 
+def test_truncated_init_file(tmp_path, capsys):
+    whole = tmp_path / "whole.safetensors"
+    meta = {"format": INIT_FORMAT, "model": "builtin:tiny-llama", "target_modules": ["q_proj"], "r": 16}
+    save_file({"a.lora_R": torch.zeros(64, 64)}, str(whole), metadata={"lorasb": json.dumps(meta)})
+    cut = write(tmp_path / "cut.safetensors", "")
+    with open(cut, "wb") as f:
+        f.write(whole.read_bytes()[:200])
+    err = fails(capsys, "--init_file", cut, out=tmp_path / "o")
+    assert err.startswith(f"train.init_file {cut} cannot be read as safetensors") and "truncated" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_model_directory_without_config_json(tmp_path, capsys):
+    folder = tmp_path / "weights-only"
+    write(folder / "model.safetensors", "")
+    err = fails(capsys, f"model.name_or_path={folder}", out=tmp_path / "o")
+    assert f"model.name_or_path: '{folder}' holds no config.json" in err
+
+
+def test_hub_model_that_cannot_be_reached_offline(tmp_path, capsys, monkeypatch):
+    """Under HF_HUB_OFFLINE=1 a hub name missing from the cache is one line at once, not retries."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-cache"))
+    start = time.monotonic()
+    err = fails(capsys, "model.name_or_path=no-such-owner/no-such-model", out=tmp_path / "o")
+    assert time.monotonic() - start < 15
+    assert "model.name_or_path: 'no-such-owner/no-such-model' is no local directory" in err
+    assert "HF_HUB_OFFLINE is set" in err and len(err.strip().splitlines()) == 1
+
+
 def test_not_an_init_file(tmp_path, capsys):
     init = tmp_path / "weights.safetensors"
     save_file({}, str(init))
@@ -169,5 +210,11 @@ def test_dry_run_checks_everything_prints_the_plan_and_starts_nothing(tmp_path, 
                  "train.max_steps=7"]) == 0
     out = capsys.readouterr().out
     assert '"dry_run": true' in out and '"steps": 7' in out and "W0 shard" in out
-    assert not (tmp_path / "o" / "run_config.json").exists()
+    assert not (tmp_path / "o").exists()  # a dry run writes nothing, not even the folder
     assert "lorasb.r = 100 exceeds" in fails(capsys, "--dry_run", "lorasb.r=100", out=tmp_path / "o2")
+
+
+def test_resume_auto_without_a_checkpoint_says_it_starts_anew(tmp_path, capsys):
+    out = tmp_path / "never-ran"
+    assert main(["train", "--ds_config", ZERO3, "--dry_run", "--resume", "auto", "--output_dir", str(out)]) == 0
+    assert f"[lorasb] --resume auto: no complete checkpoint in {out}; starting a new run" in capsys.readouterr().out

@@ -52,15 +52,20 @@ def test_step_time_prints_every_variant_and_exact_optimizer_state(tmp_path):
 
 def test_estimation_prints_its_tables_and_shards_the_accumulators(tmp_path):
     stdout, figures = bench("estimation.py", tmp_path, "--samples", "7", "--steps", "2", "--warmup", "1",
-                            "--lorasb_rank", str(R))
+                            "--lorasb_rank", str(R), "--svd_wide", "256")
     rows = table_rows(stdout)
     assert rows[0] == "phase" and rows[1] == "training step (LoRA-SB)"
     assert [r.split(" (")[0] for r in rows[2:5]] == ["estimation, owner-sharded", "estimation, all-reduce everywhere",
                                                     "estimation, owner-sharded"]
     assert [r.split(";")[0] for r in rows[5:8]] == ["SVD phase (modules per rank: 14", "SVD phase (modules per "
                                                     "rank: 7 / 7", "broadcast of B, A, R"]
-    assert rows[8:] == ["variant", "training (LoRA-SB)", "estimation, owner-sharded",
-                        "estimation, all-reduce everywhere", "estimation, owner-sharded"]
+    assert rows[8:13] == ["variant", "training (LoRA-SB)", "estimation, owner-sharded",
+                          "estimation, all-reduce everywhere", "estimation, owner-sharded"]
+    assert rows[13:] == ["shape", "32 x 64", "64 x 64", "64 x 128", "128 x 64", "256 x 256"]
+    svd = {tuple(row["shape"]): row for row in figures["svd"]}
+    assert all(row["converged"]["ratio"] >= 0.995 for row in svd.values())
+    assert svd[(64, 64)]["converged"]["iterations"] == 0  # narrow: exact
+    assert svd[(256, 256)]["converged"]["iterations"] > 1  # wide: the Krylov space grew
     res = figures["results"]
     owner, allreduce, single = res["owner"], res["allreduce"], res["owner_w1"]
     assert owner["micro_batches"] == allreduce["micro_batches"] == 2  # ceil(ceil(7 / 2) / 2)

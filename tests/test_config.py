@@ -160,6 +160,8 @@ def test_missing_and_invalid_yaml_files(tmp_path):
     ("lorasb.svd=foo", "lorasb.svd"),
     ("lorasb.svd_oversample=-1", "lorasb.svd_oversample"),
     ("lorasb.svd_niter=-1", "lorasb.svd_niter"),
+    ("lorasb.svd_tol=1", "lorasb.svd_tol"),
+    ("lorasb.svd_max_iter=0", "lorasb.svd_max_iter"),
     ("data.prompt_template=chatml", "data.prompt_template"),
     ("data.max_length=4", "data.max_length"),
     ("data.builtin_size=0", "data.builtin_size"),

@@ -48,8 +48,10 @@ def test_default_run_estimates_trains_and_writes_the_adapter(first_run):
         meta = json.loads(f.metadata()["lorasb"])
         assert len(list(f.keys())) == 28 and all(k.endswith(".lora_R") for k in f.keys())
     with safe_open(os.path.join(out, "adapter", "lorasb_init.safetensors"), "pt") as f:
-        assert json.loads(f.metadata()["lorasb"])["init_id"] == meta["init_id"]
-    assert "estimation:" in proc.stdout
+        init_meta = json.loads(f.metadata()["lorasb"])
+    assert init_meta["init_id"] == meta["init_id"] and init_meta["svd"] == "converged"
+    assert len(init_meta["svd_iterations"]) == 28 and records[0]["max_svd_iterations"] >= 0
+    assert "estimation:" in proc.stdout and "SVD (converged): captured energy" in proc.stdout
 
 
 def test_tensorboard_has_training_and_estimation_scalars(first_run):
@@ -60,6 +62,7 @@ def test_tensorboard_has_training_and_estimation_scalars(first_run):
     tags = set(acc.Tags()["scalars"])
     assert {"Train/loss", "Train/lr", "Train/grad_norm", "Train/param_norm"} <= tags
     assert sum(t.startswith("Estimation/energy/") for t in tags) == 28
+    assert sum(t.startswith("Estimation/svd_iterations/") for t in tags) == 28
     assert len(acc.Scalars("Train/loss")) == 4
 
 
@@ -72,6 +75,17 @@ def test_init_file_run_skips_estimation_and_gives_the_same_first_loss(first_run,
     first = [r["loss"] for r in metrics(out) if "step" in r]
     second = [r["loss"] for r in again if "step" in r]
     assert abs(first[0] - second[0]) <= 1e-6 * abs(first[0])
+
+
+def test_estimation_in_passes_under_an_accumulator_budget_gives_the_same_init(first_run, tmp_path):
+    """lorasb.est_max_accum_gb = 400 kB per rank (of about 1.6 MB; the largest G is 197 kB): several
+    passes over the estimation batches, and B, A, R come out bitwise the same as in one pass."""
+    out, _ = first_run
+    proc = deepspeed_train(tmp_path, "lorasb.est_max_accum_gb=0.0004", "train.max_steps=1")
+    passes = int(proc.stdout.split(" passes) in ")[0].rsplit("(", 1)[1])
+    assert passes >= 3
+    one, grouped = (load_file(os.path.join(d, "lorasb_init.safetensors")) for d in (out, tmp_path))
+    assert one.keys() == grouped.keys() and all(torch.equal(one[k], grouped[k]) for k in one)
 
 
 def test_zero2_from_the_same_init_file_gives_the_same_first_loss(first_run, tmp_path):

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from lorasb_ds.config import LLAMA_TARGETS, ConfigError, LoraSBConfig
-from lorasb_ds.estimate import assign_owners
+from lorasb_ds.estimate import assign_owners, estimation_groups
 from lorasb_ds.init import (
     INIT_FORMAT,
     LayerInit,
@@ -58,7 +58,7 @@ def test_update_sgd():
 @pytest.mark.parametrize("shape", [(12, 9), (9, 12)])
 def test_exact_svd_is_best_rank_r_approximation(shape):
     dW = randn(*shape, dtype=torch.float64)
-    U, S, V = truncated_svd(dW, 3, "exact", oversample=0, niter=0, seed=0)
+    U, S, V, _ = truncated_svd(dW, 3, LoraSBConfig(r=3, svd="exact", svd_oversample=0), seed=0)
     assert U.shape == (shape[0], 3) and S.shape == (3,) and V.shape == (shape[1], 3)
     torch.testing.assert_close(U @ torch.diag(S) @ V.T, best_rank_r(dW, 3), rtol=1e-10, atol=1e-10)
 
@@ -71,31 +71,71 @@ def low_rank_plus_noise(out=60, inn=40, rank=4, noise=1e-4, seed=0):
     return U @ torch.diag(S) @ V.T + noise * randn(out, inn, seed=seed + 2), U, V
 
 
-def test_randomized_svd_recovers_subspaces():
+@pytest.mark.parametrize("svd", ["randomized", "converged"])
+def test_iterative_svd_recovers_subspaces(svd):
     dW, U_true, V_true = low_rank_plus_noise()
-    U, S, V = truncated_svd(dW, 4, "randomized", oversample=4, niter=4, seed=0)
+    U, S, V, _ = truncated_svd(dW, 4, LoraSBConfig(r=4, svd=svd, svd_oversample=4, svd_niter=4), seed=0)
     torch.testing.assert_close(projector(U), projector(U_true), atol=1e-3, rtol=0)
     torch.testing.assert_close(projector(V), projector(V_true), atol=1e-3, rtol=0)
     torch.testing.assert_close(S, torch.tensor([10.0, 8.0, 6.0, 4.0]), atol=1e-3, rtol=0)
 
 
-def test_randomized_svd_is_seeded_and_leaves_global_rng_alone():
-    dW = randn(30, 20)  # no gap: the sketch matters, so seeds show up in the result
+@pytest.mark.parametrize("svd", ["randomized", "converged"])
+def test_iterative_svd_is_seeded_and_leaves_global_rng_alone(svd):
+    dW = randn(200, 100)  # no gap: the sketch matters, so seeds show up in the result
+    cfg = LoraSBConfig(r=3, svd=svd, svd_oversample=2, svd_niter=0, svd_max_iter=1)
     torch.manual_seed(123)
     state = torch.get_rng_state()
-    first = truncated_svd(dW, 3, "randomized", oversample=2, niter=0, seed=5)
+    first = truncated_svd(dW, 3, cfg, seed=5)
     assert torch.equal(torch.get_rng_state(), state)
-    again = truncated_svd(dW, 3, "randomized", oversample=2, niter=0, seed=5)
-    other = truncated_svd(dW, 3, "randomized", oversample=2, niter=0, seed=6)
-    assert all(torch.equal(a, b) for a, b in zip(first, again))
-    assert not torch.equal(first[0], other[0])
+    again = truncated_svd(dW, 3, cfg, seed=5)
+    other = truncated_svd(dW, 3, cfg, seed=6)
+    assert all(torch.equal(a, b) for a, b in zip(first[:3], again[:3]))
+    assert not torch.equal(first.U, other.U)
+
+
+def random_signs(out: int, inn: int, seed: int = 0) -> torch.Tensor:
+    """sign(G) of a gradient without structure: a nearly flat spectrum, the hard case for a sketch."""
+    return torch.sign(randn(out, inn, seed=seed))
+
+
+@pytest.mark.parametrize("shape", [(1024, 1024), (1536, 1024), (1024, 1536)])
+def test_converged_svd_captures_the_exact_energy_of_random_signs(shape):
+    """At r = 96 the default SVD keeps >= 99.5% of the exact rank-r energy, with orthonormal factors."""
+    dW, cfg = random_signs(*shape), LoraSBConfig(r=96)
+    assert cfg.svd == "converged"
+    U, S, V, iterations = truncated_svd(dW, 96, cfg, seed=0)
+    exact = float(torch.linalg.svdvals(dW)[:96].square().sum())
+    captured = float((U.T @ dW @ V).square().sum())
+    assert captured >= 0.995 * exact, captured / exact
+    torch.testing.assert_close(float(S.square().sum()), captured, rtol=1e-4, atol=0)
+    assert 1 < iterations < cfg.svd_max_iter  # it grew and it stopped by itself
+    torch.testing.assert_close(U.T @ U, torch.eye(96), atol=1e-4, rtol=0)
+    torch.testing.assert_close(V.T @ V, torch.eye(96), atol=1e-4, rtol=0)
+
+
+def test_converged_svd_with_a_gap_stops_early_and_narrow_matrices_are_exact():
+    dW, _, _ = low_rank_plus_noise(out=400, inn=300)
+    assert truncated_svd(dW, 4, LoraSBConfig(r=4, svd_oversample=4), seed=0).iterations <= 3
+    narrow = randn(150, 300)  # 150 <= 8 blocks of r + oversample: the exact SVD is the cheap one
+    U, S, V, iterations = truncated_svd(narrow, 8, LoraSBConfig(r=8), seed=0)
+    assert iterations == 0
+    torch.testing.assert_close(U @ torch.diag(S) @ V.T, best_rank_r(narrow, 8), rtol=1e-4, atol=1e-5)
+
+
+def test_converged_svd_of_a_rank_deficient_matrix_is_orthonormal():
+    """A zero gradient or a rank below the block: factors stay orthonormal, the product exact."""
+    for dW in (torch.zeros(300, 200), low_rank_plus_noise(out=300, inn=200, noise=0.0)[0]):
+        U, S, V, _ = truncated_svd(dW, 8, LoraSBConfig(r=8), seed=0)
+        torch.testing.assert_close(U.T @ U, torch.eye(8), atol=1e-4, rtol=0)
+        torch.testing.assert_close(U @ torch.diag(S) @ V.T, dW, atol=1e-4, rtol=0)
 
 
 # --------------------------------------------------------------------------- init_from_gradient
 
 
 @pytest.mark.parametrize("update", ["sign", "sgd"])
-@pytest.mark.parametrize("svd", ["exact", "randomized"])
+@pytest.mark.parametrize("svd", ["exact", "randomized", "converged"])
 def test_init_from_gradient_factors(update, svd):
     r = 4
     G = randn(24, 16, seed=3)
@@ -154,7 +194,8 @@ def random_inits(layers, seed=0) -> dict[str, LayerInit]:
         s = seed + 10 * i
         inits[name] = LayerInit(B=randn(layer.out_features, layer.r, seed=s),
                                 A=randn(layer.r, layer.in_features, seed=s + 1),
-                                R=randn(layer.r, layer.r, seed=s + 2), energy=0.5 + i / 1000)
+                                R=randn(layer.r, layer.r, seed=s + 2), energy=0.5 + i / 1000,
+                                svd_iterations=i % 5)
     return inits
 
 
@@ -172,10 +213,11 @@ def test_init_file_round_trip(tmp_path, wrapped):
         got = loaded[name]
         for a, b in ((got.B, init.B), (got.A, init.A), (got.R, init.R)):
             assert a.shape == b.shape and a.dtype == torch.float32 and torch.equal(a, b)
-        assert got.energy == init.energy
+        assert (got.energy, got.svd_iterations) == (init.energy, init.svd_iterations)
     assert meta["format"] == INIT_FORMAT and meta["init_id"] == "abc" and meta["r"] == R_RANK
     assert meta["target_modules"] == LLAMA_TARGETS
     assert meta["energy"] == {n: i.energy for n, i in inits.items()}
+    assert meta["svd_iterations"] == {n: i.svd_iterations for n, i in inits.items()}
     assert read_init_metadata(path) == meta
 
 
@@ -273,3 +315,29 @@ def test_owners_largest_first_to_least_loaded():
     shapes = {"small": (1, 1), "big": (10, 10), "mid": (5, 5), "mid2": (5, 5)}
     # big -> 0, mid -> 1, mid2 -> 1 (25 < 100), small -> 1 (50 < 100)
     assert assign_owners(shapes, 2) == {"small": 1, "big": 0, "mid": 1, "mid2": 1}
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+@pytest.mark.parametrize("budget", [None, 1.0, 1.5, 100.0])  # in largest modules
+def test_estimation_groups_are_consecutive_and_fit_the_budget_on_every_rank(world, budget):
+    owners = assign_owners(SHAPES, world)
+    max_bytes = None if budget is None else int(4 * budget * max(o * i for o, i in SHAPES.values()))
+    groups = estimation_groups(SHAPES, owners, max_bytes)
+    assert [name for group in groups for name in group] == list(SHAPES)  # every module once, in order
+    assert all(groups)
+    for group in groups:
+        per_rank = loads_of({n: owners[n] for n in group}, SHAPES, world)
+        assert max_bytes is None or 4 * max(per_rank) <= max_bytes
+    # next fit: the first module of a group would have put its owner over the budget in the group before
+    for before, group in zip(groups, groups[1:]):
+        first = group[0]
+        load = sum(SHAPES[n][0] * SHAPES[n][1] for n in before if owners[n] == owners[first])
+        assert 4 * (load + SHAPES[first][0] * SHAPES[first][1]) > max_bytes
+    assert (len(groups) == 1) == (max_bytes is None or max_bytes >= 4 * max(loads_of(owners, SHAPES, world)))
+
+
+def test_estimation_groups_refuse_a_budget_below_one_module():
+    largest = max(o * i for o, i in SHAPES.values())
+    with pytest.raises(ConfigError, match="lorasb.est_max_accum_gb = .* is below the fp32 accumulator of"):
+        estimation_groups(SHAPES, assign_owners(SHAPES, 2), 4 * largest - 1)
+    assert len(estimation_groups(SHAPES, assign_owners(SHAPES, 2), 4 * largest)) > 1

@@ -105,6 +105,29 @@ def test_torchrun_reference(reference):
     assert os.path.isfile(os.path.join(reference, ADAPTER))
 
 
+def test_a_60_step_torchrun_run_prints_few_warnings(tmp_path):
+    """torch's deprecation warnings about DeepSpeed's collectives must not print on every step of every rank."""
+    proc = run(torchrun_cmd("launch/train.py", "--ds_config", "ds_configs/zero3.json", "data.builtin_size=600",
+                            "train.max_steps=60", "lorasb.est_samples=6", "--output_dir", str(tmp_path)))
+    output = proc.stdout  # stderr merged in
+    assert "[lorasb] adapter written to" in output
+    warning_lines = [line for line in output.splitlines() if "warning" in line.lower()]
+    assert len(warning_lines) <= 10, "\n".join(warning_lines[:20])
+
+
+def test_a_plan_and_an_error_print_once_for_the_launch(tmp_path):
+    """Every rank computes the same dry-run plan and hits the same bad setting: each is printed once."""
+    proc = run(torchrun_cmd("launch/train.py", "--ds_config", "ds_configs/zero3.json", "--dry_run",
+                            "--output_dir", str(tmp_path / "dry")))
+    assert proc.stdout.count('"dry_run": true') == 1 and proc.stdout.count("W0 shard") == 1
+    assert not (tmp_path / "dry").exists()
+    proc = run(torchrun_cmd("launch/train.py", "--ds_config", "ds_configs/zero3.json", "lorasb.r=1000",
+                            "--output_dir", str(tmp_path / "bad")), check=False)
+    assert proc.returncode != 0 and proc.stdout.count("lorasb: error: lorasb.r = 1000 exceeds") == 1
+    proc = run(torchrun_cmd("launch/train.py", "--ds_config"), check=False)
+    assert proc.returncode != 0 and proc.stdout.count("usage: lorasb train") == 1
+
+
 def test_deepspeed_runner_gives_the_same_adapter(reference, tmp_path):
     proc = run(deepspeed_cmd("launch/train.py", *RUN, "--output_dir", str(tmp_path)))
     check_run(tmp_path, proc.stdout, "deepspeed")

@@ -78,10 +78,16 @@ def test_tiny_default_is_deterministic():
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
 
 
-def test_missing_local_model_is_a_clear_error(tmp_path):
+def test_missing_local_model_is_a_clear_error(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
     with pytest.raises(ConfigError, match="model.name_or_path"):
         check_model_source(ModelConfig(name_or_path=str(tmp_path / "nope")))
-    check_model_source(ModelConfig(name_or_path="some-org/some-model"))  # a hub name is left to the hub
+    # a hub name is looked up now (config.json only), so a name that cannot be had fails here, in one line
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-cache"))
+    with pytest.raises(ConfigError, match="'some-org/some-model' is no local directory"):
+        check_model_source(ModelConfig(name_or_path="some-org/some-model"))
 
 
 def test_load_without_zero3_gives_the_saved_weights(saved_model):

@@ -13,8 +13,8 @@ from lorasb_ds.cli import main as cli_main
 from lorasb_ds.config import LLAMA_TARGETS, ConfigError
 from lorasb_ds.estimate import OwnerReducer, _WeightGradTap, assign_owners
 from lorasb_ds.modeling import tiny_llama, tiny_llama_config
-from lorasb_ds.plan import (GB, activation_bytes, check_fit, deepspeed_estimate, describe_model, format_plan,
-                            plan_memory, replan, target_shapes, total_parameters)
+from lorasb_ds.plan import (GB, activation_bytes, check_fit, deepspeed_estimate, describe_model, fewest_passes,
+                            format_plan, plan_memory, replan, target_shapes, total_parameters)
 from lorasb_ds.surgery import wrap_targets
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -183,6 +183,21 @@ def test_a_plan_that_does_not_fit_names_the_knobs_largest_first(plan70):
     assert knobs[0].startswith("enable model.gradient_checkpointing")
 
 
+def test_estimation_passes_split_the_accumulators_and_fit(plan70):
+    one = replan(plan70, world_size=8, est_micro_batch=3)  # as the command line plans it
+    assert one.est_passes == 1 and check_fit(one, 80)  # 34 GB of accumulators per rank: over 72 GB
+    knob = next(k for k in check_fit(one, 80) if k.startswith("set lorasb.est_max_accum_gb"))
+    assert "(2 estimation passes)" in knob and "enough alone" in knob
+    two = fewest_passes(one, 80)
+    assert two.est_passes == 2 and check_fit(two, 80) == []
+    assert two.owner_accumulator_max <= two.settings.est_max_accum_bytes
+    assert 0.45 < two.owner_accumulator_max / one.owner_accumulator_max < 0.6  # about half per pass
+    # The smallest budget with two passes: 0.1 GB less makes a third pass.
+    assert replan(one, est_max_accum_bytes=two.settings.est_max_accum_bytes - 10**8).est_passes > 2
+    assert two.training_peak == one.training_peak  # passes change the estimation only
+    assert fewest_passes(one, 20) is None  # the W0 shard alone does not fit: no budget helps
+
+
 def test_micro_batch_knob_when_training_activations_dominate(plan70):
     big = replan(plan70, micro_batch=8, est_micro_batch=1, gradient_checkpointing=False)
     knobs = check_fit(big, 80)
@@ -221,11 +236,29 @@ def test_cli_70b_on_8_ranks_does_not_fit_in_40_gb(capsys):
     assert "does NOT fit" in out and "use more ranks" in out
 
 
+def test_cli_70b_on_one_node_of_8_fits_in_80_gb_with_two_estimation_passes(capsys):
+    """One pass holds 34 GB of accumulators per rank and does not fit; two passes of about half do."""
+    args = ["plan", "--model_config", L70B, "--r", "96", "--world_size", "8", "--device_memory_gb", "80"]
+    assert cli_main(args) == 0
+    out = capsys.readouterr().out
+    fit = next(line for line in out.splitlines() if line.startswith("fits"))
+    assert "the estimation in 2 passes: set lorasb.est_max_accum_gb=" in fit
+    budget = float(fit.rsplit("=", 1)[1])
+    acc = next(line for line in out.splitlines() if "owner accumulators" in line)
+    assert f"2 passes within {budget:.2f} GB" in acc and float(acc.split()[5]) <= budget
+    # The printed budget, given back, plans the same two passes and fits without a knob.
+    assert cli_main(args + ["--est_max_accum_gb", str(budget)]) == 0
+    assert f"2 passes within {budget:.2f} GB" in capsys.readouterr().out
+
+
 def test_cli_errors_exit_2(capsys, tmp_path):
     assert cli_main(["plan", "--model_config", str(tmp_path / "none.json"), "--r", "8", "--world_size", "2"]) == 2
     assert "no such file" in capsys.readouterr().err
     assert cli_main(["plan", "--model_config", L70B, "--r", "96", "--world_size", "8", "--targets", "qkv"]) == 2
     assert "match no module" in capsys.readouterr().err
+    assert cli_main(["plan", "--model_config", L70B, "--r", "2000", "--world_size", "8"]) == 2
+    assert "lower lorasb.r to at most 1024, or drop the targets narrower than 2000 (k_proj, v_proj)" in \
+        capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------- DeepSpeed's estimator

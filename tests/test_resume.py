@@ -90,19 +90,46 @@ def test_sigkill_then_resume_is_bitwise_identical(uninterrupted, tmp_path):
     (truncated / MARKER).unlink()
     shutil.rmtree(truncated / "state")
     resumed_from = int(os.path.basename(latest)[4:])
+    # A step logged after the checkpoint, before the kill (as the killed run may or may not have left one)
+    from torch.utils.tensorboard import SummaryWriter
+
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": resumed_from + 1, "loss": 99.0}) + "\n")
+    with SummaryWriter(str(out / "tensorboard" / "lorasb"), filename_suffix=".before-kill") as w:
+        w.add_scalar("Train/loss", 99.0, 10_000)
 
     proc = torchrun(2, "launch/train.py", *ARGS, "--output_dir", str(out), "--resume", "auto")
     assert "estimation:" not in proc.stdout  # B and A come from the run's init file
+    assert f"[lorasb] --resume auto: continuing from {latest} (step {resumed_from})" in proc.stdout
     init_event, losses = step_losses(out)
     assert init_event["estimated"] is False and init_event["start_step"] == resumed_from
     assert init_event["resumed_from"] == latest
     _, full = step_losses(uninterrupted)
     assert sorted(losses) == list(range(resumed_from + 1, STEPS + 1))
+    assert_one_history(out, latest, resumed_from)
     for step, loss in losses.items():
         assert loss == full[step], (step, loss, full[step])  # bitwise: same float repr
     a = load_file(os.path.join(uninterrupted, "adapter", "lorasb_adapter.safetensors"))
     b = load_file(os.path.join(out, "adapter", "lorasb_adapter.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def assert_one_history(out, latest, resumed_from):
+    """The run's log reads as one run: each step once in metrics.jsonl and in TensorBoard (points
+    written after the checkpoint, before the kill, dropped), the summary knows it estimated and resumed."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    records = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["step"] for r in records if "step" in r] == list(range(1, STEPS + 1))
+    assert [r["start_step"] for r in records if r.get("event") == "init"] == [0, resumed_from]
+    acc = EventAccumulator(str(out / "tensorboard" / "lorasb")).Reload()
+    assert len(list((out / "tensorboard" / "lorasb").iterdir())) >= 3  # the killed run's files, the resumed one's
+    samples = [e.step for e in acc.Scalars("Train/loss")]
+    assert 99.0 not in [e.value for e in acc.Scalars("Train/loss")]
+    assert len(samples) == STEPS and len(set(samples)) == STEPS and samples == sorted(samples)
+    summary = json.load(open(out / "run_summary.json"))
+    assert summary["estimated"] is True and summary["estimation_seconds"] > 0
+    assert summary["resumed_from"] == latest and summary["resumed_at_step"] == resumed_from
 
 
 def test_keep_last_prunes_old_checkpoints(uninterrupted):

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 from lorasb_ds.config import load_run_config
-from lorasb_ds.estimate import estimate_gradients, weighted_estimation_batches
+from lorasb_ds.estimate import estimate_gradients, estimation_groups, layer_shapes, weighted_estimation_batches
 from lorasb_ds.init import apply_inits, broadcast_inits, init_from_gradient
 from lorasb_ds.train import Logger, setup, train_loop
 
@@ -47,6 +47,20 @@ batches = weighted_estimation_batches(s.examples, cfg.lorasb.est_samples, cfg.lo
                                       rank, s.world, cfg.train.seed, s.tokenizer.pad_token_id)
 report["estimation_batches"] = [[int(x) for x in b["input_ids"].shape] + [w] for b, w in batches]
 grads, _ = estimate_gradients(s.engine.module, s.layers, batches, s.owners, s.device)
+
+# The same estimation in groups of modules under a budget of about a third of the busiest rank's
+# accumulators, each group in its own pass: every G must come out bitwise the same.
+shapes = layer_shapes(s.layers)
+loads = [sum(4 * o * i for n, (o, i) in shapes.items() if s.owners[n] == k) for k in range(s.world)]
+budget = max(4 * max(o * i for o, i in shapes.values()), max(loads) // 3)
+groups = estimation_groups(shapes, s.owners, budget)
+grouped = {}
+for group in groups:
+    part, _ = estimate_gradients(s.engine.module, {n: s.layers[n] for n in group}, batches, s.owners, s.device)
+    grouped.update(part)
+report["estimation_groups"] = len(groups)
+report["grouped_G_bitwise_equal"] = (grouped.keys() == grads.keys()
+                                     and all(torch.equal(grouped[n], grads[n]) for n in grads))
 local = {n: init_from_gradient(G, cfg.lorasb, s.plan.lr_eff, cfg.train.seed + names.index(n))
          for n, G in grads.items()}
 inits = broadcast_inits(s.layers, local, s.owners, s.device)
