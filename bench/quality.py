@@ -9,7 +9,9 @@ What it does:
 
 1. **Data**: ``data/word_problems/`` (``scripts/make_word_problems.py``): multi-step arithmetic word
    problems in GSM8K's layout (a question; a worked answer ending ``#### N``). ``train`` and
-   ``validation`` share templates and names; ``test`` uses templates and names that training never saw.
+   ``validation`` share templates and names; ``test`` uses templates and names that training never saw;
+   ``test_seen`` asks new problems of the training stories (what ``validation`` asks, but unused by the
+   choice of lr).
 2. **Prompt**: one prompt both ways: training rows go through ``data.prompt_template=chat`` (the question
    as the user turn of the model's chat template) and ``lorasb eval --prompt_template chat`` builds the
    same prompt for the same question.
@@ -20,8 +22,10 @@ What it does:
 4. **Learning rate**: each method's lrs (``SWEEP_LR``) are trained on the first seed and scored on the
    validation split; the best strict accuracy wins (ties: flexible accuracy, then final training loss).
    The test split plays no part in the choice. The other seeds are trained at the chosen lr.
-5. **Test**: every kept run (and the base model) by ``lorasb eval --task gsm8k`` on the test split:
-   strict (the number after the last ``####`` or ``The answer is:``) and flexible (the last number).
+5. **Test**: every kept run (and the base model) by ``lorasb eval --task gsm8k`` on the test split and
+   on test_seen: strict (the number after the last ``####`` or ``The answer is:``) and flexible (the last
+   number). The test split measures carrying the arithmetic to unseen stories, test_seen learning it in
+   the stories trained on.
 6. **Cache**: each finished run's results go to ``--results/runs/NAME.json`` as soon as they exist,
    with the settings that made them; a rerun with the same settings reads them instead of training
    again, so the study can be done in several sittings.
@@ -29,7 +33,8 @@ What it does:
    flexible test accuracy (mean ± sample std over seeds), final loss, trained numbers, optimizer-state
    bytes (fp32 Adam: master copy + two moments per trained number, 12 bytes), wall time per run; the lr
    sweep; and whether, here, (i) LoRA-SB ≥ LoRA-XS at the same count, (ii) LoRA-SB is within 1 point of
-   LoRA r = 32 or above it with ≥ 5× fewer trained numbers, (iii) LoRA-SB's loss leads early.
+   LoRA r = 32 or above it with ≥ 5× fewer trained numbers, (iii) LoRA-SB's loss leads early; (i) and (ii)
+   again on test_seen, with its own table.
 
 "Final loss" is the mean training loss of the last fifth of the steps (each step's loss is the mean
 over its global batch).
@@ -174,10 +179,14 @@ class Study:
         self.args = args
         self.model = rel(args.model)
         self.split = {s: rel(os.path.join(args.data, f"{s}.jsonl")) for s in ("train", "validation", "test")}
+        # the second test split (training stories, new numbers) came later: its digest goes with each score
+        # instead of into the key, so the runs cached before it stay valid
+        self.split["test_seen"] = rel(os.path.join(args.data, "test_seen.jsonl"))
+        self.test_seen_digest = sha256_of(self.split["test_seen"])
         # what makes a cached result valid: the model, the data, the run config and the shared settings
         self.key = {"model_config": config_digest(os.path.join(args.model, "config.json")),
                     "model_weights_bytes": os.path.getsize(os.path.join(args.model, "model.safetensors")),
-                    **{f"data_{s}": sha256_of(p) for s, p in self.split.items()},
+                    **{f"data_{s}": sha256_of(self.split[s]) for s in ("train", "validation", "test")},
                     "run_config": sha256_of(RUN_CONFIG), "ds_config": sha256_of(DS_CONFIG),
                     "steps": args.steps, "est_samples": args.est_samples, "nproc": args.nproc,
                     "max_new_tokens": args.max_new_tokens, "val_rows": args.val_rows, "test_rows": args.test_rows}
@@ -247,7 +256,7 @@ class Study:
     def evaluate(self, run: dict, split: str) -> dict | None:
         """Score ``run`` (or the base model when ``run["method"] == "base"``) on ``split``; cached in the run's
         record under ``split``. Returns the summary, or None when the evaluation failed."""
-        if split in run:
+        if split in run and (split != "test_seen" or run[split].get("data") == self.test_seen_digest):
             return run[split]
         a = self.args
         if a.report_only:
@@ -256,7 +265,7 @@ class Study:
             # a run cached in an earlier sitting whose outputs are gone (another machine): train it again
             log(f"  {run['name']}: its adapter is gone; training it again to score it on {split}")
             fresh = self.train(run["method"], run["lr"], run["seed"], again=True)
-            fresh.update({k: run[k] for k in ("validation", "test") if k in run})
+            fresh.update({k: run[k] for k in ("validation", "test", "test_seen") if k in run})
             run.clear()
             run.update(fresh)  # in place: the caller's record is this one
             self.store(run)
@@ -279,6 +288,8 @@ class Study:
         run[split] = {"strict": s["accuracy_strict"], "flexible": s["accuracy_flexible"], "rows": s["rows"],
                       "seconds": round(seconds, 1), "samples": [{"gold": g["gold"], "generation": g["generation"]}
                                                                 for g in gens[:3]]}
+        if split == "test_seen":
+            run[split]["data"] = self.test_seen_digest
         self.store(run)
         log(f"  eval {run['name']} on {split}: strict {s['accuracy_strict']:.3f}, flexible "
             f"{s['accuracy_flexible']:.3f} ({s['rows']} rows, {seconds:.0f} s)")
@@ -325,6 +336,16 @@ def results_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def split_table(rows: dict[str, dict]) -> str:
+    """Strict and flexible accuracy per method on one split, with each seed's strict score."""
+    lines = ["| method | seeds | strict % | flexible % | strict % per seed |", "|---|---|---|---|---|"]
+    for m, r in rows.items():
+        per_seed = ", ".join(f"{100 * v:.1f}" for v in r["strict"])
+        lines.append(f"| {LABELS[m]} | {len(r['strict']) if m != 'base' else '–'} | {fmt(r['strict'], 1, 100)} | "
+                     f"{fmt(r['flexible'], 1, 100)} | {per_seed} |")
+    return "\n".join(lines)
+
+
 def sweep_table(sweeps: dict[str, list[dict]], chosen: dict[str, dict]) -> str:
     lines = ["| method | lr | validation strict % | validation flexible % | final loss | chosen |",
              "|---|---|---|---|---|---|"]
@@ -348,8 +369,9 @@ def early_lead(curves_by_method: dict[str, list[list]], upto: int = 10) -> dict[
     return out
 
 
-def claims(rows: dict[str, dict], early: dict[str, float]) -> list[str]:
-    """The plain statements (i)-(iii), each with its numbers, or why it cannot be said yet."""
+def claims(rows: dict[str, dict], early: dict[str, float], split: str = "test") -> list[str]:
+    """The plain statements (i)-(iii) on ``split``'s strict accuracy in ``rows``, each with its numbers, or
+    why it cannot be said yet."""
     def acc(m):
         return statistics.fmean(rows[m]["strict"]) * 100 if m in rows and rows[m]["strict"] else None
 
@@ -361,14 +383,15 @@ def claims(rows: dict[str, dict], early: dict[str, float]) -> list[str]:
     if sb is None or xs is None:
         out.append("(i) LoRA-SB vs LoRA-XS at the same trained count: not measured yet.")
     else:
-        out.append(f"(i) LoRA-SB ≥ LoRA-XS at the same trained count: {'yes' if sb >= xs else 'no'} "
+        out.append(f"(i) LoRA-SB ≥ LoRA-XS at the same trained count, on {split}: {'yes' if sb >= xs else 'no'} "
                    f"(strict {sb:.1f}% ± {spread('lorasb') or 0:.1f} against {xs:.1f}% ± {spread('loraxs') or 0:.1f}).")
     if sb is None or lora is None:
         out.append("(ii) LoRA-SB vs LoRA r = 32: not measured yet.")
     else:
         fewer = rows["lora"]["trainable"] / rows["lorasb"]["trainable"]
         ok = sb >= lora - 1.0 and fewer >= 5
-        out.append(f"(ii) LoRA-SB within 1 point of LoRA r = 32 or above it, with ≥ 5× fewer trained numbers: "
+        out.append(f"(ii) LoRA-SB within 1 point of LoRA r = 32 or above it, with ≥ 5× fewer trained numbers, "
+                   f"on {split}: "
                    f"{'yes' if ok else 'no'} (strict {sb:.1f}% against {lora:.1f}%, {fewer:.1f}× fewer).")
     if "lorasb" in early and len(early) > 1:
         others = {m: v for m, v in early.items() if m in METHODS and m != "lorasb"}
@@ -428,10 +451,13 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_base:
         base = study.cached("base") or {"name": "base", "key": study.key, "method": "base"}
         log("[quality] base model, zero-shot")
-        test = study.evaluate(base, "test")
+        test, seen = study.evaluate(base, "test"), study.evaluate(base, "test_seen")
         if test:
-            rows["base"] = {"method": "base", "strict": [test["strict"]], "flexible": [test["flexible"]]}
+            rows["base"] = {"method": "base", "strict": [test["strict"]], "flexible": [test["flexible"]],
+                            "seen_strict": [seen["strict"]] if seen else [],
+                            "seen_flexible": [seen["flexible"]] if seen else []}
         (pending if args.report_only else failed).extend([] if test else ["base"])
+        failed.extend([] if seen or args.report_only else ["base (test_seen)"])
     for method in methods:
         log(f"[quality] {method}: sweep {lrs[method]} on seed {seeds[0]}")
         sweep = [study.train(method, lr, seeds[0]) for lr in lrs[method]]
@@ -449,16 +475,19 @@ def main(argv: list[str] | None = None) -> int:
         chosen[method] = best
         kept = [best] + [study.train(method, best["lr"], s) for s in seeds[1:]]
         for run in kept:
-            if run["status"] == "ok" and study.evaluate(run, "test") is None and not args.report_only:
-                failed.append(run["name"])
+            for split in ("test", "test_seen"):
+                if run["status"] == "ok" and study.evaluate(run, split) is None and not args.report_only:
+                    failed.append(run["name"])
         failed += [r["name"] for r in kept if r["status"] == "failed"]
         if any(r["status"] == "pending" or (r["status"] == "ok" and "test" not in r) for r in kept):
             pending.append(method)
             continue
         done = [r for r in kept if r.get("test")]
+        seen = [r["test_seen"] for r in kept if r.get("test_seen", {}).get("data") == study.test_seen_digest]
         rows[method] = {"method": method, "r": RANKS[method], "lr": best["lr"], "trainable": best["trainable"],
                         "optimizer_state_bytes": best["optimizer_state_bytes"],
                         "strict": [r["test"]["strict"] for r in done], "flexible": [r["test"]["flexible"] for r in done],
+                        "seen_strict": [v["strict"] for v in seen], "seen_flexible": [v["flexible"] for v in seen],
                         "final_loss": [r["final_loss"] for r in kept if r["status"] == "ok"],
                         "seconds": [r["train_seconds"] for r in kept if r["status"] == "ok"],
                         "runs": [r["name"] for r in kept], "curves": [r["curve"] for r in kept if r["status"] == "ok"]}
@@ -466,6 +495,10 @@ def main(argv: list[str] | None = None) -> int:
     early = early_lead({m: r["curves"] for m, r in rows.items() if m != "base"})
     table = results_table(list(rows.values()))
     statements = claims(rows, early)
+    seen_rows = {m: dict(r, strict=r["seen_strict"], flexible=r["seen_flexible"]) for m, r in rows.items()
+                 if r.get("seen_strict")}
+    seen_table = split_table(seen_rows)
+    seen_statements = [line for line in claims(seen_rows, {}, "test_seen") if not line.startswith("(iii)")]
     test_rows = args.test_rows or sum(1 for _ in open(study.split["test"]))
     m = machine()
     header = (f"Quality study on {study.model}: {test_rows} held-out test problems (unseen templates and names), "
@@ -474,8 +507,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{seeds}")
     if pending:
         header += f". Not finished yet, so left out: {', '.join(LABELS.get(m, m) for m in pending)}"
-    report = "\n\n".join([header, table, "Learning-rate sweep (seed %d):" % seeds[0], sweep_table(sweeps, chosen),
-                          "\n".join(statements),
+    seen_count = args.test_rows or sum(1 for _ in open(study.split["test_seen"]))
+    seen_header = (f"The same runs on {seen_count} held-out problems of the training stories (test_seen: training "
+                   "templates and names, new numbers, no question of the other splits):")
+    report = "\n\n".join([header, table, "\n".join(statements), seen_header, seen_table, "\n".join(seen_statements),
+                          "Learning-rate sweep (seed %d):" % seeds[0], sweep_table(sweeps, chosen),
                           f"Machine: {m['cpu']} ({m['cores']} cores), {m['accelerator']}; Python {m['python']}, torch "
                           f"{m['torch']}, deepspeed {m['deepspeed']}, transformers {m['transformers']}",
                           f"Command: {command}; this sitting: {(time.time() - started) / 60:.1f} min"])
@@ -486,7 +522,8 @@ def main(argv: list[str] | None = None) -> int:
                "rows": rows, "chosen": {k: v["name"] for k, v in chosen.items()},
                "sweeps": {k: [r["name"] for r in v] for k, v in sweeps.items()},
                "energy": next((r.get("energy") for r in [chosen.get("lorasb")] if r), None),
-               "early_loss": early, "claims": statements, "table": table, "pending": pending}
+               "early_loss": early, "claims": statements, "table": table, "pending": pending,
+               "test_seen": {"table": seen_table, "claims": seen_statements}}
     for name, text in (("quality.json", json.dumps(payload, indent=1)), ("quality.md", report + "\n")):
         with open(os.path.join(args.results, name), "w") as f:
             f.write(text)
@@ -499,7 +536,8 @@ def main(argv: list[str] | None = None) -> int:
     log(f"[quality] written to {rel(args.results)}")
     if args.write_docs:
         figure = rel(os.path.join(args.results, "quality.png"))
-        summary = "\n\n".join([header, table, "\n".join(statements)])
+        summary = "\n\n".join([header, table, "\n".join(statements), seen_header, seen_table,
+                               "\n".join(seen_statements)])
         write_block(os.path.join(REPO, "README.md"), summary + f"\n\n![quality study]({figure})")
         write_block(os.path.join(REPO, "bench", "README.md"),
                     report + f"\n\n![quality study]({os.path.relpath(figure, 'bench')})")

@@ -1,6 +1,6 @@
 """Multi-step arithmetic word problems in GSM8K's layout, from a seeded generator.
 
-    python scripts/make_word_problems.py            # writes data/word_problems/{train,validation,test}.jsonl
+    python scripts/make_word_problems.py            # writes data/word_problems/{train,validation,test,test_seen}.jsonl
     python scripts/make_word_problems.py --check    # exit 1 when the shipped files differ from a regeneration
 
 Each row is ``{"question", "answer"}``: the answer works the problem one step a line and ends with
@@ -17,7 +17,10 @@ Each shape is written by several templates (a story: who, what, which verbs). Th
 * ``validation``: the same templates and names, other numbers, no question of ``train`` (for choosing a
   learning rate or the difficulty);
 * ``test``: templates and names that training never saw (the same shapes in other stories), no
-  question of the other splits.
+  question of the other splits: does the model carry the arithmetic to stories it never read?
+* ``test_seen``: the training templates and names, other numbers, no question of the other splits: has
+  the model learned the arithmetic of the stories it read? (``validation`` asks the same, but it chose
+  the learning rates, so it cannot also score them.)
 
 ``--difficulty`` sets how large the numbers are (``easy``: factors up to 9 and starting amounts up to
 50; ``medium``: a factor up to 12 and amounts up to 99; ``hard``: a two-digit factor up to 25).
@@ -34,8 +37,8 @@ from dataclasses import dataclass
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT_DIR = os.path.join(REPO, "data", "word_problems")
-SIZES = {"train": 2000, "validation": 200, "test": 300}
-SEEDS = {"train": 11, "validation": 12, "test": 13}
+SIZES = {"train": 2000, "validation": 200, "test": 300, "test_seen": 300}
+SEEDS = {"train": 11, "validation": 12, "test": 13, "test_seen": 14}
 DIFFICULTY = "easy"
 
 TRAIN_NAMES = ["Tom", "Ann", "Sam", "Mia", "Leo", "Zoe", "Max", "Ivy", "Ben", "Eva", "Jack", "Lily", "Noah",
@@ -223,13 +226,15 @@ def generate(n: int, seed: int, templates: list[Template], names: list[str], dif
 
 
 def splits(difficulty: str = DIFFICULTY, sizes: dict[str, int] = SIZES) -> dict[str, list[dict[str, str]]]:
-    """The three splits (see the module docstring)."""
+    """The four splits (see the module docstring), each drawn after and apart from those before it."""
     train = generate(sizes["train"], SEEDS["train"], TRAIN_TEMPLATES, TRAIN_NAMES, difficulty)
     seen = {r["question"] for r in train}
     validation = generate(sizes["validation"], SEEDS["validation"], TRAIN_TEMPLATES, TRAIN_NAMES, difficulty, seen)
     seen |= {r["question"] for r in validation}
     test = generate(sizes["test"], SEEDS["test"], TEST_TEMPLATES, TEST_NAMES, difficulty, seen)
-    return {"train": train, "validation": validation, "test": test}
+    seen |= {r["question"] for r in test}
+    test_seen = generate(sizes["test_seen"], SEEDS["test_seen"], TRAIN_TEMPLATES, TRAIN_NAMES, difficulty, seen)
+    return {"train": train, "validation": validation, "test": test, "test_seen": test_seen}
 
 
 def write_splits(out_dir: str, data: dict[str, list[dict[str, str]]]) -> list[str]:

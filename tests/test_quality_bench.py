@@ -36,6 +36,11 @@ def test_quick_study_trains_evaluates_caches_tabulates_and_plots(smollm_dir, tmp
     assert len(data["energy"]) == 210 and all(0.0 < e <= 1.0 + 1e-4 for e in data["energy"].values())
     run = json.loads((results / "runs" / "lorasb_lr0.003_seed1.json").read_text())
     assert run["validation"]["rows"] == 4 and run["test"]["rows"] == 8
+    # the second test split: the same runs scored on new problems of the training stories, in its own table
+    assert run["test_seen"]["rows"] == 8 and len(run["test_seen"]["data"]) == 16
+    assert all(len(data["rows"][m]["seen_strict"]) == 1 for m in ("base", "lorasb", "lora"))
+    assert "held-out problems of the training stories" in out and "on test_seen: " in out
+    assert f"| LoRA-SB | 1 | {100 * run['test_seen']['strict']:.1f} |" in out
     gens = [json.loads(line) for line in open(work / "eval" / "lorasb_lr0.003_seed1_test" / "generations.jsonl")]
     assert all(g["prompt"].startswith("<|im_start|>system") and g["prompt"].endswith("<|im_start|>assistant\n")
                for g in gens)  # the chat template, as in training
@@ -106,9 +111,12 @@ def test_claims_follow_the_numbers():
             "loraxs": {"strict": [0.40, 0.42], "trainable": 1_935_360},
             "lorasb_lr_eff": {"strict": [0.6]}}
     i, ii, iii, variant = claims(rows, {"lorasb": 0.5, "lora": 0.6, "loraxs": 0.7, "lorasb_lr_eff": 0.3})
-    assert i.startswith("(i) LoRA-SB ≥ LoRA-XS at the same trained count: yes (strict 51.0% ± 1.4 against 41.0%")
-    assert ii.startswith("(ii) LoRA-SB within 1 point of LoRA r = 32 or above it, with ≥ 5× fewer trained numbers: "
-                         "yes (strict 51.0% against 51.5%, 5.0× fewer)")
+    assert i.startswith("(i) LoRA-SB ≥ LoRA-XS at the same trained count, on test: yes (strict 51.0% ± 1.4 "
+                        "against 41.0%")
+    assert ii.startswith("(ii) LoRA-SB within 1 point of LoRA r = 32 or above it, with ≥ 5× fewer trained numbers, "
+                         "on test: yes (strict 51.0% against 51.5%, 5.0× fewer)")
+    assert claims(rows, {}, "test_seen")[0].startswith("(i) LoRA-SB ≥ LoRA-XS at the same trained count, on "
+                                                       "test_seen: yes")
     assert iii.startswith("(iii) LoRA-SB's loss leads early (mean loss of steps 1-10): yes")
     assert variant == "(LoRA-SB, lr_eff 1e-4: strict 60.0% ± 0.0, early loss 0.300.)"
     rows["lora"]["strict"] = [0.60, 0.60]  # 9 points above: (ii) fails

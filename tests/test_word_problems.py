@@ -51,6 +51,33 @@ def test_test_split_is_unseen_templates_names_and_questions():
     assert {t.shape for t in wp.TEST_TEMPLATES} == {t.shape for t in wp.TRAIN_TEMPLATES}
 
 
+def story(template) -> re.Pattern:
+    """A template's question as a pattern: its words, a name where it says {name}, numbers elsewhere."""
+    pattern, named = "", False
+    for i, part in enumerate(re.split(r"\{(\w+)\}", template.question)):
+        if i % 2 == 0:
+            pattern += re.escape(part)
+        elif part == "name":
+            pattern += "(?P=name)" if named else "(?P<name>\\w+)"
+            named = True
+        else:
+            pattern += "\\d+"
+    return re.compile(pattern)
+
+
+def test_test_seen_split_is_training_stories_with_unseen_questions():
+    others = {r["question"] for split in ("train", "validation", "test") for r in shipped(split)}
+    rows = shipped("test_seen")
+    assert not others & {r["question"] for r in rows} and len({r["question"] for r in rows}) == len(rows)
+    used = set()
+    for row in rows:  # each question is a training story told of a training name
+        [(i, match)] = [(i, m) for i, t in enumerate(wp.TRAIN_TEMPLATES) if (m := story(t).fullmatch(row["question"]))]
+        assert match.groupdict().get("name") in (None, *wp.TRAIN_NAMES), row["question"]
+        assert not any(story(t).fullmatch(row["question"]) for t in wp.TEST_TEMPLATES)
+        used.add(i)
+    assert used == set(range(len(wp.TRAIN_TEMPLATES)))
+
+
 def test_difficulty_sets_the_sizes_of_the_numbers():
     easy = wp.generate(200, 5, wp.TRAIN_TEMPLATES, wp.TRAIN_NAMES, "easy")
     hard = wp.generate(200, 5, wp.TRAIN_TEMPLATES, wp.TRAIN_NAMES, "hard")
