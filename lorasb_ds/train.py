@@ -32,7 +32,8 @@ from .data import (collate, describe_truncation, estimation_indices, fingerprint
                    train_batches)
 from .estimate import (EstimationStats, assign_owners, check_finite, estimate_gradients, estimation_groups,
                        layer_shapes, max_accum_bytes, weighted_estimation_batches)
-from .export import INIT_FILE_NAME, atomic_write_text, save_adapter
+from .export import INIT_FILE_NAME, save_adapter
+from .files import atomic_write_text
 from .init import (LayerInit, apply_inits, broadcast_inits, check_init_metadata, init_from_gradient,
                    init_from_weight, load_init_file, lora_init, new_init_id, read_init_metadata,
                    save_init_file)
