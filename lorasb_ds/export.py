@@ -37,7 +37,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import ConfigError
-from .files import atomic_save_file, atomic_write_text
+from .files import atomic_save_file, atomic_write_text, give_default_mode
 from .init import INIT_FORMAT
 from .zero3_loading import INDEX_FILE, SINGLE_FILE, safetensors_files
 
@@ -273,7 +273,9 @@ def merge_checkpoint(base_model_dir: str, adapter_dir: str, out_dir: str) -> str
             merge_shard(os.path.join(base_model_dir, shard), os.path.join(tmp_dir, shard),
                         {name: adapter[name] for name in keys if name in adapter},
                         {key: weights[key] for key in keys if key in weights})
-        _copy_other_files(base_model_dir, tmp_dir, skip=set(shards))
+        # the base model's card describes the base model, not this one: left behind
+        _copy_other_files(base_model_dir, tmp_dir, skip=set(shards) | {"README.md"})
+        give_default_mode(*(os.path.join(tmp_dir, shard) for shard in shards))
         os.replace(tmp_dir, out_dir)  # out_dir is absent or empty: an atomic rename
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
@@ -363,7 +365,7 @@ def merged_weight(W0: torch.Tensor, B: torch.Tensor, A: torch.Tensor, R: torch.T
 
 
 def _copy_other_files(src_dir: str, dst_dir: str, skip: set[str]) -> None:
-    """Every file and folder of src_dir but the shards, unchanged (the index included)."""
+    """Every file and folder of src_dir but those of ``skip``, unchanged (the index included)."""
     for entry in sorted(os.listdir(src_dir)):
         if entry in skip:
             continue

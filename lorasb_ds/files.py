@@ -21,4 +21,16 @@ def atomic_save_file(tensors: dict[str, torch.Tensor], path: str, metadata: dict
     """safetensors ``save_file`` of ``tensors`` (made contiguous) with ``metadata`` to ``path``."""
     tmp = f"{path}.tmp{os.getpid()}"
     save_file({name: t.contiguous() for name, t in tensors.items()}, tmp, metadata=metadata)
+    give_default_mode(tmp)
     os.replace(tmp, path)
+
+
+def give_default_mode(*paths: str) -> None:
+    """Each file of ``paths`` (a folder: each file in it) gets the mode ``open`` would have given it,
+    0666 less the umask, as the run's other files have: safetensors writes its files 0600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in paths:
+        files = [os.path.join(d, f) for d, _, names in os.walk(path) for f in names] if os.path.isdir(path) else [path]
+        for file in files:
+            os.chmod(file, 0o666 & ~umask)

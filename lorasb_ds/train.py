@@ -295,7 +295,9 @@ def build(p: Prepared) -> Session:
     if rank == 0:
         print(f"[lorasb] world {world}, micro-batch {layout.micro_batch} x accumulation "
               f"{layout.grad_accum} -> global batch {layout.global_batch}; {len(examples)} samples "
-              f"({p.truncated} truncated); {plan.total_steps} steps, warm-up {plan.warmup_steps}")
+              f"({p.truncated} truncated); {plan.total_steps} steps, warm-up {plan.warmup_steps}"
+              + ("" if "train_batch_size" in ds_config else
+                 " (the ds_config sets no train_batch_size: the global batch follows the number of ranks)"))
         print(f"[lorasb] method {cfg.lorasb.method}, {len(layers)} adapter layers, r={cfg.lorasb.r}: "
               f"{counts.describe()}")
     return Session(cfg, engine, scheduler, layers, trained, saved, counts, p.tokenizer, examples, p.truncated, layout, plan,
