@@ -66,7 +66,7 @@ def plot(data: dict, out: str) -> str:
                 ax2.bar(i + (j - 0.5) * 0.38, mean, width=0.38, yerr=std, color=COLORS[m], hatch=hatch,
                         alpha=0.9 if kind == "strict" else 0.5, capsize=3)
     ax2.set_xticks(range(len(scored)), [LABELS[m] for m in scored], fontsize=8, rotation=15)
-    ax2.set_ylabel("strict accuracy % (plain: test, unseen stories; hatched: test_seen, training stories)")
+    ax2.set_ylabel("strict accuracy % (plain: test; hatched: test_seen)")
     ax2.set_title("(b) held-out accuracy, mean ± std over seeds")
     ax2.grid(alpha=0.3, axis="y")
 

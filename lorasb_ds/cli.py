@@ -195,8 +195,8 @@ def evaluate(args: argparse.Namespace) -> None:
 def plan(args: argparse.Namespace) -> int:
     """Print the plan and DeepSpeed's estimate; 1 when it does not fit ``--device_memory_gb``."""
     from .config import LLAMA_TARGETS
-    from .plan import (check_fit, deepspeed_estimate, fewest_passes, format_deepspeed_comparison, format_plan,
-                       gb, plan_memory)
+    from .plan import (HEADROOM, check_fit, deepspeed_estimate, fewest_passes, format_deepspeed_comparison,
+                       format_plan, gb, plan_memory)
 
     targets = [t.strip() for t in args.targets.split(",") if t.strip()] if args.targets else LLAMA_TARGETS
     result = plan_memory(args.model_config, args.r, targets, args.world_size, args.micro_batch, args.seq_len,
@@ -211,19 +211,20 @@ def plan(args: argparse.Namespace) -> int:
             result = grouped
             passes_note = (f"; the estimation in {grouped.est_passes} passes: set lorasb.est_max_accum_gb="
                            f"{gb(grouped.settings.est_max_accum_bytes)}")
+    deepspeed_text = format_deepspeed_comparison(deepspeed_estimate(result, args.gpus_per_node))  # (it logs)
     print(format_plan(result))
     print()
-    print(format_deepspeed_comparison(deepspeed_estimate(result, args.gpus_per_node)))
+    print(deepspeed_text)
     if args.device_memory_gb is None:
         return 0
     knobs = check_fit(result, args.device_memory_gb)
+    threshold = (f"{args.device_memory_gb * (1 - HEADROOM):.2f} GB ({args.device_memory_gb:g} GB less "
+                 f"{HEADROOM:.0%} headroom)")
     print()
     if not knobs:
-        print(f"fits: peak {result.peak / 1e9:.2f} GB per rank within {args.device_memory_gb:g} GB "
-              f"(less 10% headroom){passes_note}")
+        print(f"fits: peak {result.peak / 1e9:.2f} GB per rank within {threshold}{passes_note}")
         return 0
-    print(f"does NOT fit: peak {result.peak / 1e9:.2f} GB per rank > {args.device_memory_gb:g} GB "
-          "less 10% headroom. Knobs, largest effect first:")
+    print(f"does NOT fit: peak {result.peak / 1e9:.2f} GB per rank > {threshold}. Knobs, largest effect first:")
     for knob in knobs:
         print(f"  - {knob}")
     return 1

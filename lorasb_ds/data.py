@@ -253,8 +253,27 @@ def _load_file(cfg: DataConfig) -> datasets.Dataset:
     try:
         return datasets.load_dataset(builder, data_files=path, split="train")
     except Exception as e:  # datasets raises many types for malformed files
+        bad = _first_bad_json_line(path) if lower.endswith(".jsonl") else None
+        if bad:
+            raise ConfigError(f"data.path '{cfg.path}' could not be read as JSON Lines: {bad}; fix that line "
+                              "(one JSON object per line)") from None
         raise ConfigError(f"data.path '{cfg.path}' could not be read as {kind} (is it empty or "
                           f"malformed?): {type(e).__name__}: {e}") from e
+
+
+def _first_bad_json_line(path: str) -> str | None:
+    """'line N is not a JSON object (why)' for the first such line of a JSON Lines file, else None."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                return f"line {number} is not valid JSON ({e.msg} at column {e.colno})"
+            if not isinstance(row, dict):
+                return f"line {number} is not a JSON object (a {type(row).__name__})"
+    return None
 
 
 def _load_directory(cfg: DataConfig) -> datasets.Dataset:

@@ -93,6 +93,7 @@ from . import glue
 from .config import ConfigError, could_be_hub_name
 from .data import (PROMPT_TEMPLATES, alpaca_prompt, format_prompt, require_chat_template,
                    template_writes_special_tokens)
+from .files import atomic_write_text
 
 TASKS = ("gsm8k", "math", "commonsense", "glue")
 GLUE_MAX_LENGTH = 512
@@ -815,12 +816,5 @@ def _summary(s: EvalSettings, rows: list[dict], adapter_meta: dict, world: int, 
 
 def _write_outputs(out: str, rows_file: str, rows: list[dict], summary: dict) -> None:
     os.makedirs(out, exist_ok=True)
-    path = os.path.join(out, rows_file)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(path + ".tmp", path)
-    path = os.path.join(out, SUMMARY_FILE)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.write(json.dumps(summary, indent=2) + "\n")
-    os.replace(path + ".tmp", path)
+    atomic_write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), os.path.join(out, rows_file))
+    atomic_write_text(json.dumps(summary, indent=2) + "\n", os.path.join(out, SUMMARY_FILE))

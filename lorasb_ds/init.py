@@ -34,9 +34,9 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from .config import ConfigError, LoraSBConfig
+from .files import atomic_save_file
 from .layer import LoRASBLinear
 
 INIT_FORMAT = "lorasb-init-v1"
@@ -229,9 +229,7 @@ def save_init_file(path: str, inits: dict[str, LayerInit], metadata: dict) -> No
     meta = dict(metadata, format=INIT_FORMAT, energy={n: i.energy for n, i in inits.items()},
                 svd_iterations={n: i.svd_iterations for n, i in inits.items()})
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    save_file(tensors, tmp, metadata={"lorasb": json.dumps(meta)})
-    os.replace(tmp, path)
+    atomic_save_file(tensors, path, {"lorasb": json.dumps(meta)})
 
 
 def read_init_metadata(path: str) -> dict:

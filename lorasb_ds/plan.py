@@ -492,6 +492,8 @@ def format_plan(plan: Plan) -> str:
          f"{len(m.shapes)} modules, {m.target_params / 1e9:.2f} B elements over {s.world_size} ranks"
          + (f", {plan.est_passes} passes within {gb(s.est_max_accum_bytes)} GB"
             if s.est_max_accum_bytes is not None else ", one pass")),
+        ("(all-reduce to every rank instead, fp32)", plan.reference_accumulators,
+         "the reference approach's accumulators, for comparison"),
         ("gradients in flight, fp32", plan.grad_in_flight, f"{IN_FLIGHT} x largest out x in + fp32 g, x"),
         (f"activations (micro-batch {s.est_micro_batch})", plan.activations_estimation,
          "checkpointed" if s.gradient_checkpointing else "not checkpointed"),
@@ -509,9 +511,6 @@ def format_plan(plan: Plan) -> str:
         ("estimation micro-step", plan.traffic_estimation_step,
          "W0 all-gathers x2 + fp32 reduce to owners"),
         ("training micro-step", plan.traffic_training_step, "W0 all-gathers x2 + R reduce-scatter/all-gather"),
-        ("for comparison", None, ""),
-        ("all-reduce to every rank, fp32", plan.reference_accumulators,
-         "gradient accumulators of the reference approach"),
     ]
     head = (f"LoRA-SB plan: {m.model_type}, {m.layers} layers, hidden {m.hidden}, r={s.r}, "
             f"{len(m.shapes)} targets, {s.world_size} ranks, micro-batch {s.micro_batch}, seq {s.seq_len}, "
@@ -529,7 +528,11 @@ def format_plan(plan: Plan) -> str:
 # ----------------------------------------------------------------------------------- fitting
 
 
-def fewest_passes(plan: Plan, device_memory_gb: float, headroom: float = 0.10) -> Plan | None:
+HEADROOM = 0.10
+"""Share of device memory a plan leaves for what it does not count (CUDA context, NCCL, fragmentation)."""
+
+
+def fewest_passes(plan: Plan, device_memory_gb: float, headroom: float = HEADROOM) -> Plan | None:
     """The plan with the fewest estimation passes whose estimation peak fits, and among those the
     smallest accumulator budget (the most even groups); None when even one module at a time does not
     fit. Budgets are multiples of 0.1 GB, so that one can be set as ``lorasb.est_max_accum_gb`` as
@@ -550,7 +553,7 @@ def fewest_passes(plan: Plan, device_memory_gb: float, headroom: float = 0.10) -
     return replan(plan, est_max_accum_bytes=high * step)
 
 
-def check_fit(plan: Plan, device_memory_gb: float, headroom: float = 0.10) -> list[str]:
+def check_fit(plan: Plan, device_memory_gb: float, headroom: float = HEADROOM) -> list[str]:
     """Knobs that lower the peak of a plan over ``device_memory_gb * (1 - headroom)``, largest effect
     first, each with the GB it saves and whether it alone is enough; [] when the plan fits.
 

@@ -32,7 +32,8 @@ from .data import (collate, describe_truncation, estimation_indices, fingerprint
                    train_batches)
 from .estimate import (EstimationStats, assign_owners, check_finite, estimate_gradients, estimation_groups,
                        layer_shapes, max_accum_bytes, weighted_estimation_batches)
-from .export import INIT_FILE_NAME, atomic_write_text, save_adapter
+from .export import INIT_FILE_NAME, save_adapter
+from .files import atomic_write_text
 from .init import (LayerInit, apply_inits, broadcast_inits, check_init_metadata, init_from_gradient,
                    init_from_weight, load_init_file, lora_init, new_init_id, read_init_metadata,
                    save_init_file)
@@ -294,7 +295,9 @@ def build(p: Prepared) -> Session:
     if rank == 0:
         print(f"[lorasb] world {world}, micro-batch {layout.micro_batch} x accumulation "
               f"{layout.grad_accum} -> global batch {layout.global_batch}; {len(examples)} samples "
-              f"({p.truncated} truncated); {plan.total_steps} steps, warm-up {plan.warmup_steps}")
+              f"({p.truncated} truncated); {plan.total_steps} steps, warm-up {plan.warmup_steps}"
+              + ("" if "train_batch_size" in ds_config else
+                 " (the ds_config sets no train_batch_size: the global batch follows the number of ranks)"))
         print(f"[lorasb] method {cfg.lorasb.method}, {len(layers)} adapter layers, r={cfg.lorasb.r}: "
               f"{counts.describe()}")
     return Session(cfg, engine, scheduler, layers, trained, saved, counts, p.tokenizer, examples, p.truncated, layout, plan,

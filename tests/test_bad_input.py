@@ -117,6 +117,14 @@ def test_empty_dataset_and_missing_column(tmp_path, capsys):
     assert "no column 'query'" in err and "data.query_field" in err
 
 
+def test_malformed_jsonl_line_is_named_by_its_number(tmp_path, capsys):
+    good = '{"query": "1+1?", "response": "2"}\n'
+    rows = write(tmp_path / "bad.jsonl", good * 3 + '{"query": "2+2?", "response": 4\n' + good)
+    err = fails(capsys, f"data.path={rows}", out=tmp_path / "o")
+    assert err.startswith(f"data.path '{rows}' could not be read as JSON Lines: line 4 is not valid JSON")
+    assert len(err.strip().splitlines()) == 1
+
+
 def test_missing_model_path(tmp_path, capsys):
     err = fails(capsys, f"model.name_or_path={tmp_path / 'no-such-model'}", out=tmp_path / "o")
     assert "model.name_or_path: no such directory" in err

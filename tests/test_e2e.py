@@ -43,6 +43,7 @@ def test_default_run_estimates_trains_and_writes_the_adapter(first_run):
     assert steps[-1]["loss"] < steps[0]["loss"]
     summary = json.load(open(os.path.join(out, "run_summary.json")))
     assert summary["world_size"] == 2 and summary["steps"] == 4
+    assert summary["estimated"] is True and summary["estimation_seconds"] > 0 and summary["resumed_from"] is None
     assert summary["trainable_parameters"] == 28 * 16 * 16
     with safe_open(os.path.join(out, "adapter", "lorasb_adapter.safetensors"), "pt") as f:
         meta = json.loads(f.metadata()["lorasb"])
@@ -52,6 +53,7 @@ def test_default_run_estimates_trains_and_writes_the_adapter(first_run):
     assert init_meta["init_id"] == meta["init_id"] and init_meta["svd"] == "converged"
     assert len(init_meta["svd_iterations"]) == 28 and records[0]["max_svd_iterations"] >= 0
     assert "estimation:" in proc.stdout and "SVD (converged): captured energy" in proc.stdout
+    assert "the global batch follows the number of ranks" in proc.stdout  # zero3.json sets no train_batch_size
 
 
 def test_tensorboard_has_training_and_estimation_scalars(first_run):

@@ -183,10 +183,26 @@ def test_merge_single_file_checkpoint(setup, tmp_path):
     base = tmp_path / "single"
     load_fp32(setup["base"]).save_pretrained(base)
     assert shard_files(base) == ["model.safetensors"]
+    (base / "README.md").write_text("# the base model's card\n")
     out = tmp_path / "merged"
     out.mkdir()  # an existing empty directory is fine
     merge_checkpoint(str(base), setup["adapter"], str(out))
+    assert not (out / "README.md").exists()  # it describes the base model, not the merged one
     assert max_diff(logits(load_fp32(out), setup["ids"]), setup["lorasb_logits"]) <= TOL
+
+
+def test_written_weights_get_the_mode_of_the_other_files(setup, tmp_path):
+    """safetensors writes its files 0600; the adapter, its init file and merged shards are 0666 less the
+    umask, as every other file of a run or a checkpoint directory."""
+    umask = os.umask(0)
+    os.umask(umask)
+    want = 0o666 & ~umask
+    assert umask & 0o044 == 0, "the test needs a umask that lets others read"
+    modes = {f: os.stat(os.path.join(setup["adapter"], f)).st_mode & 0o777 for f in os.listdir(setup["adapter"])}
+    assert set(modes.values()) == {want}, modes
+    out = tmp_path / "merged"
+    merge_checkpoint(setup["base"], setup["adapter"], str(out))
+    assert {os.stat(out / shard).st_mode & 0o777 for shard in shard_files(setup["base"])} == {want}
 
 
 # --------------------------------------------------------------------------- merge memory
