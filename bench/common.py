@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -26,6 +25,9 @@ from importlib.metadata import version
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # the package of this checkout
+
+from lorasb_ds.dist import free_port  # noqa: E402,F401  (benchmarks take it from here)
+
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 # Llama-style shapes. default: 63M params (50M in the targets); wide: 2 layers of hidden 2048, 122M;
@@ -69,12 +71,6 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     if args.device == "cpu":
         os.environ["OMP_NUM_THREADS"] = "1"  # one core per rank, as torchrun sets for world > 1
     return args
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_ranks(fn, args, variant: str, nproc: int) -> dict:

@@ -23,11 +23,10 @@ from typing import Any
 
 import yaml
 
+from .errors import ConfigError  # noqa: F401  (also imported from here)
+from .glue import task_of
+
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-class ConfigError(ValueError):
-    """A run or DeepSpeed configuration that cannot work; the message names the field and the fix."""
 
 
 TASKS = ("causal_lm", "seq_cls")
@@ -375,8 +374,6 @@ def validate_run_config(cfg: RunConfig) -> None:
     if t.init_file and not os.path.isfile(t.init_file):
         raise ConfigError(f"train.init_file: no such file '{t.init_file}'")
     if d.format == "glue":
-        from .glue import task_of
-
         task_of(d.glue_task)
     kind = d.source_kind()
     if kind == "builtin" and d.format != "metamath":

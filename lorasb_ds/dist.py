@@ -132,7 +132,8 @@ def _check_port(port: int, source: str) -> int:
     return port
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this host now (the kernel's pick): for a rendezvous, a test or a benchmark."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -242,7 +243,7 @@ def _torch_layout(env: Mapping[str, str], launcher: str) -> RankLayout:
     else:
         addr = env.get("MASTER_ADDR") or "127.0.0.1"
         port = _check_port(_int(env, "MASTER_PORT", launcher), "MASTER_PORT") if env.get("MASTER_PORT") \
-            else _free_port()
+            else free_port()
         source = "a world of one"
     return RankLayout(launcher, rank, world, local_rank, 1 if world == 1 else local_world, addr, port, source)
 
@@ -461,7 +462,7 @@ def _mpi_layout(env: Mapping[str, str]) -> RankLayout:
                 port = _check_port(_int(env, "MASTER_PORT", "the environment"), "MASTER_PORT")
                 source += ", MASTER_PORT"
             else:
-                port = _free_port()
+                port = free_port()
                 source += ", a free port on rank 0"
             master = (addr, port, source)
     except ConfigError as e:
@@ -512,7 +513,7 @@ def discover(environ: Mapping[str, str] | None = None) -> RankLayout:
     if launcher == "srun":
         return _srun_layout(env)
     port = _check_port(_int(env, "MASTER_PORT", "the environment"), "MASTER_PORT") if env.get("MASTER_PORT") \
-        else _free_port()
+        else free_port()
     note = ""
     if env.get("SLURM_JOB_ID") and env.get("SLURM_NTASKS", "1") != "1":
         note = (f"a single process inside Slurm job {env['SLURM_JOB_ID']} with SLURM_NTASKS="

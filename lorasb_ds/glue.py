@@ -19,6 +19,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from .errors import ConfigError
+
 
 @dataclass(frozen=True)
 class GlueTask:
@@ -45,8 +47,6 @@ TASKS: dict[str, GlueTask] = {
 
 
 def task_of(name: str | None, setting: str = "data.glue_task") -> GlueTask:
-    from .config import ConfigError
-
     if name not in TASKS:
         raise ConfigError(f"{setting} must be one of {', '.join(TASKS)}, got {name!r}")
     return TASKS[name]

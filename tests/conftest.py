@@ -1,18 +1,13 @@
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 
+from lorasb_ds.dist import free_port  # noqa: F401  (tests take it from here)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_command(cmd: list[str], timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
