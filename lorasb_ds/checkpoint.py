@@ -16,6 +16,9 @@ Layout, under ``<output_dir>/checkpoints/``::
 Every rank calls ``save``/``load`` (collective). A checkpoint is first written under a temporary
 name, then rank 0 writes the marker and renames it into place, so a crash mid-write leaves only a
 ``.tmp-`` directory that resuming never looks at.
+
+Also here: the rules of resuming (which output folder a run may use, which checkpoint ``--resume``
+means, which settings must agree) and the stop on SIGTERM / SIGUSR1 that writes a checkpoint first.
 """
 
 from __future__ import annotations
@@ -24,13 +27,16 @@ import json
 import os
 import re
 import shutil
+import signal
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
 
-from .config import ConfigError
+from .config import ConfigError, RunConfig
 
+EXIT_PREEMPTED = 75
+"""Exit code of a run stopped by SIGTERM/SIGUSR1 after writing its checkpoint (resume with --resume auto)."""
 CHECKPOINTS = "checkpoints"
 MARKER = "COMPLETE"
 TAG = "state"
@@ -122,3 +128,71 @@ def load(engine, path: str) -> tuple[Position, dict]:
         torch.cuda.set_rng_state(rng["cuda"])
     position = Position(marker["step"], marker["epoch"], marker["micro_batch"])
     return position, marker
+
+
+# --------------------------------------------------------------------------- resume rules
+
+
+def check_output_dir(cfg: RunConfig) -> None:
+    """The output directory must be writable and must not hold another run (unless told). Nothing is
+    created here: a refused run leaves no folder behind (rank 0 creates it once the checks pass)."""
+    out = cfg.train.output_dir
+    existing = os.path.abspath(out)
+    while not os.path.exists(existing):  # the nearest ancestor that exists is where the folder will go
+        existing = os.path.dirname(existing)
+    why = None
+    if not os.path.isdir(existing):
+        why = f"'{existing}' is a file"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        why = f"no write permission on '{existing}'"
+    if why:
+        raise ConfigError(f"train.output_dir '{out}' is not writable ({why}); choose another")
+    if os.path.exists(os.path.join(out, "run_config.json")) and not (cfg.train.resume or cfg.train.overwrite):
+        raise ConfigError(f"train.output_dir '{out}' already holds a run; continue it with --resume auto, "
+                          "start over with --overwrite, or choose another directory")
+
+
+def resume_point(cfg: RunConfig) -> tuple[str | None, dict | None]:
+    """The checkpoint to resume from and its marker, checked against this run's configuration."""
+    if not cfg.train.resume:
+        return None, None
+    path = resolve_resume(cfg.train.resume, cfg.train.output_dir)
+    if path is None:
+        return None, None
+    marker = read_marker(path)
+    mine = run_identity(cfg)
+    for section, values in marker["run"].items():
+        for key, value in values.items():
+            if mine[section].get(key) != value:
+                raise ConfigError(
+                    f"--resume {path}: the checkpoint was made with {section}.{key} = {value!r}, this run "
+                    f"has {mine[section].get(key)!r}; resume with the same settings or start a new run")
+    if not os.path.isfile(marker["init_file"]):
+        raise ConfigError(f"--resume {path}: its init file {marker['init_file']} is missing")
+    return path, marker
+
+
+def run_identity(cfg: RunConfig) -> dict:
+    """The settings a checkpoint must agree on with the run that resumes it."""
+    d = cfg.to_dict()
+    train = {k: d["train"][k] for k in ("lr", "weight_decay", "betas", "eps", "warmup_ratio", "schedule",
+                                        "epochs", "max_steps", "seed")}
+    train["betas"] = list(train["betas"])
+    return {"model": d["model"], "lorasb": d["lorasb"], "data": d["data"], "train": train}
+
+
+class PreemptionFlag:
+    """SIGTERM or SIGUSR1 (sent by Slurm before a time limit or preemption) ask the run to stop.
+
+    The handler only sets a flag; at each optimizer-step boundary every rank all-reduces it
+    (``dist.any_rank``), so all ranks agree to stop at the same step, checkpoint together and exit
+    with ``EXIT_PREEMPTED``.
+    """
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True

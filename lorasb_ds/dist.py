@@ -547,3 +547,10 @@ def init_distributed(timeout_minutes: float) -> tuple[int, int, torch.device]:
         accelerator.set_device(layout.local_rank)
     device = torch.device(accelerator.current_device_name())
     return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
+
+
+def any_rank(flags: list[bool], device: torch.device) -> list[bool]:
+    """Each flag, true if it is true on any rank (one all-reduce; every rank must call it)."""
+    t = torch.tensor([int(f) for f in flags], device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return [bool(x) for x in t.tolist()]

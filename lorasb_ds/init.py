@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 import uuid
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -35,9 +36,12 @@ import torch
 import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
 
-from .config import ConfigError, LoraSBConfig
+from .config import ConfigError, LoraSBConfig, RunConfig
+from .estimate import (EstimationStats, check_finite, estimate_gradients, estimation_groups, layer_shapes,
+                       max_accum_bytes, weighted_estimation_batches)
 from .files import atomic_save_file
 from .layer import LoRASBLinear
+from .modeling import builtin_name
 
 INIT_FORMAT = "lorasb-init-v1"
 
@@ -212,7 +216,93 @@ def apply_inits(layers: dict[str, LoRASBLinear], inits: dict[str, LayerInit]) ->
                 safe_set_full_fp32_param(t, values[part].to(t.device))
 
 
+def init_adapters(cfg: RunConfig, model: torch.nn.Module, layers: dict[str, LoRASBLinear], owners: dict[str, int],
+                  examples: list[dict], pad_token_id: int, lr_eff: float, data_fingerprint: str | None,
+                  init_path: str, device: torch.device) -> tuple[dict[str, LayerInit], dict, EstimationStats | None]:
+    """Initial B, A, R of every layer as ``lorasb.method`` says; rank 0 writes them to ``init_path``.
+    Collective: every rank calls it with the same arguments and ends with every module's init.
+
+    Each module's owner computes its init (``lorasb``: estimation pass, then the SVD of the update;
+    ``loraxs``: the SVD of W0, gathered on every rank in turn; ``lora``: seeded), then every init is
+    broadcast from its owner. ``full`` has no layers: its init file holds metadata only.
+    Returns the inits, the init file's metadata and the estimation's statistics (``lorasb`` only).
+    """
+    import deepspeed
+
+    method, rank = cfg.lorasb.method, dist.get_rank()
+    index = {name: i for i, name in enumerate(layers)}  # a per-module seed, owner-independent
+    mine = [name for name in layers if owners[name] == rank]
+    stats = None
+    local: dict[str, LayerInit] = {}
+    init_seconds = 0.0
+    if method == "lorasb":  # group by group: estimate G (collective), then the owners' SVDs free it
+        batches = weighted_estimation_batches(examples, cfg.lorasb.est_samples, cfg.lorasb.est_micro_batch,
+                                              rank, dist.get_world_size(), cfg.train.seed, pad_token_id)
+        for group in estimation_groups(layer_shapes(layers), owners, max_accum_bytes(cfg.lorasb)):
+            grads, group_stats = estimate_gradients(model, {name: layers[name] for name in group}, batches,
+                                                    owners, device)
+            stats = group_stats if stats is None else stats.add(group_stats)
+            check_finite(grads, group, device)
+            t0 = time.perf_counter()
+            for name in group:
+                if name in mine:
+                    local[name] = init_from_gradient(grads.pop(name), cfg.lorasb, lr_eff, cfg.train.seed + index[name])
+            init_seconds += time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for name, layer in layers.items():
+        seed = cfg.train.seed + index[name]
+        if method == "loraxs":
+            with deepspeed.zero.GatheredParameters([layer.base.weight]):  # every rank, every module
+                W0 = layer.base.weight.detach().float().clone() if name in mine else None
+            if W0 is not None:
+                local[name] = init_from_weight(W0, cfg.lorasb, seed)
+        elif method == "lora" and name in mine:
+            local[name] = lora_init(layer.out_features, layer.in_features, cfg.lorasb, seed)
+    init_seconds += time.perf_counter() - t0
+    inits = broadcast_inits(layers, local, owners, device)
+    meta = dict(init_metadata(cfg), init_id=new_init_id(), seed=cfg.train.seed, world_size=dist.get_world_size(),
+                owners=owners, versions=library_versions())
+    if method == "lorasb":
+        meta.update(update=cfg.lorasb.update, lr_eff=lr_eff, est_samples=cfg.lorasb.est_samples,
+                    est_micro_batch=cfg.lorasb.est_micro_batch, data_fingerprint=data_fingerprint,
+                    estimation_seconds=round(stats.seconds, 3) if stats else None)
+    if method in ("lorasb", "loraxs"):
+        meta.update(svd=cfg.lorasb.svd, svd_oversample=cfg.lorasb.svd_oversample, svd_niter=cfg.lorasb.svd_niter,
+                    svd_tol=cfg.lorasb.svd_tol, svd_max_iter=cfg.lorasb.svd_max_iter)
+    if method == "lora":
+        meta.update(lora_alpha=cfg.lorasb.lora_alpha if cfg.lorasb.lora_alpha is not None else 2 * cfg.lorasb.r)
+    if rank == 0:
+        save_init_file(init_path, inits, meta)
+        if stats is not None:
+            passes = f" ({stats.passes} passes)" if stats.passes > 1 else ""
+            print(f"[lorasb] estimation: {stats.micro_batches_per_rank} micro-batches per rank{passes} in "
+                  f"{stats.seconds:.2f}s, lr_eff {lr_eff:.3g}")
+        print(f"[lorasb] {method} init of {len(inits)} layers: {init_seconds:.2f}s on rank 0")
+        if method in ("lorasb", "loraxs") and inits:
+            energies, iterations = [i.energy for i in inits.values()], [i.svd_iterations for i in inits.values()]
+            print(f"[lorasb] SVD ({cfg.lorasb.svd}): captured energy min {min(energies):.3f} mean "
+                  f"{sum(energies) / len(energies):.3f}; iterations max {max(iterations)}")
+    return inits, meta, stats
+
+
 # --------------------------------------------------------------------------- init file
+
+
+def init_metadata(cfg: RunConfig) -> dict:
+    """What an init file must agree on with the run that reuses it."""
+    return {"model": cfg.model.name_or_path or builtin_name(cfg.model.task), "method": cfg.lorasb.method,
+            "task": cfg.model.task, "target_modules": list(cfg.lorasb.target_modules), "r": cfg.lorasb.r}
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that made an init file."""
+    import deepspeed
+    import transformers
+
+    from . import __version__
+
+    return {"lorasb_ds": __version__, "torch": torch.__version__, "deepspeed": deepspeed.__version__,
+            "transformers": transformers.__version__}
 
 
 def new_init_id() -> str:

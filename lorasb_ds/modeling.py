@@ -24,7 +24,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequence
                           LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, RobertaConfig,
                           RobertaForSequenceClassification)
 
-from .config import ConfigError, ModelConfig, could_be_hub_name
+from .config import ConfigError, ModelConfig, RunConfig, could_be_hub_name, precision
 from .zero3_loading import INDEX_FILE, SINGLE_FILE, CannotBuild, load_partitioned, unsupported_reason
 
 TINY_SEED = 1234
@@ -103,6 +103,28 @@ def task_kwargs(task: str, num_labels: int | None) -> dict:
         return {}
     return {"num_labels": num_labels,
             "problem_type": "regression" if num_labels == 1 else "single_label_classification"}
+
+
+def num_labels_of(cfg: RunConfig) -> int | None:
+    """Outputs of the classification head (``model.task: seq_cls``): from the GLUE task."""
+    from .glue import task_of
+
+    return task_of(cfg.data.glue_task).num_labels if cfg.model.task == "seq_cls" else None
+
+
+def model_dtype(ds_config: dict) -> torch.dtype:
+    """The dtype the model is built in: the ds_config's precision."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision(ds_config)]
+
+
+def model_config_of(cfg: RunConfig):
+    """The model's configuration alone (no weights): the tiny default's or the checkpoint's."""
+    if not cfg.model.name_or_path:
+        return tiny_roberta_config(num_labels_of(cfg)) if cfg.model.task == "seq_cls" else tiny_llama_config()
+    config = AutoConfig.from_pretrained(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
+    for key, value in task_kwargs(cfg.model.task, num_labels_of(cfg)).items():
+        setattr(config, key, value)
+    return config
 
 
 def load_tokenizer(cfg: ModelConfig):

@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 
 import lorasb_ds.train as train_module
 from conftest import REPO
+from lorasb_ds import checkpoint
 from lorasb_ds.checkpoint import MARKER
 from lorasb_ds.cli import main
 from lorasb_ds.config import load_run_config
@@ -199,7 +200,7 @@ def test_checkpoint_from_another_configuration(tmp_path, capsys):
     step = out / "checkpoints" / "step00000002"
     write(step / MARKER, json.dumps({"step": 2, "epoch": 0, "micro_batch": 2, "world_size": 1,
                                      "init_file": str(out / "lorasb_init.safetensors"), "init_id": "x",
-                                     "run": train_module.run_identity(other)}))
+                                     "run": checkpoint.run_identity(other)}))
     write(out / "run_config.json", "{}")
     err = fails(capsys, "--resume", "auto", out=out)
     assert "made with lorasb.r = 8, this run has 16" in err

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from conftest import REPO, free_port, torchrun
 from lorasb_ds.checkpoint import MARKER, complete_checkpoints
-from lorasb_ds.train import EXIT_PREEMPTED
+from lorasb_ds.checkpoint import EXIT_PREEMPTED
 
 pytestmark = pytest.mark.slow
 STEPS = 8

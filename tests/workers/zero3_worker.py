@@ -17,7 +17,9 @@ from safetensors.torch import save_file
 from lorasb_ds.config import load_run_config
 from lorasb_ds.estimate import estimate_gradients, estimation_groups, layer_shapes, weighted_estimation_batches
 from lorasb_ds.init import apply_inits, broadcast_inits, init_from_gradient
-from lorasb_ds.train import Logger, setup, train_loop
+from lorasb_ds.prepare import prepare
+from lorasb_ds.runlog import Logger
+from lorasb_ds.train import build, train_loop
 
 out, svd, steps, checkpointing = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 cfg = load_run_config(None, [
@@ -31,7 +33,7 @@ ds_config = {
     "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
     "steps_per_print": 10**9,
 }
-s = setup(cfg, ds_config)
+s = build(prepare(cfg, ds_config))
 rank, names = s.rank, list(s.layers)
 base_weights = [layer.base.weight for layer in s.layers.values()]
 r_params = [layer.lora_R for layer in s.layers.values()]
@@ -43,8 +45,8 @@ report["partitioned"] = [
     for n, p in zip(names + [n + ".R" for n in names], base_weights + r_params)
 ]
 
-batches = weighted_estimation_batches(s.examples, cfg.lorasb.est_samples, cfg.lorasb.est_micro_batch,
-                                      rank, s.world, cfg.train.seed, s.tokenizer.pad_token_id)
+batches = weighted_estimation_batches(s.prepared.examples, cfg.lorasb.est_samples, cfg.lorasb.est_micro_batch,
+                                      rank, s.world, cfg.train.seed, s.prepared.tokenizer.pad_token_id)
 report["estimation_batches"] = [[int(x) for x in b["input_ids"].shape] + [w] for b, w in batches]
 grads, _ = estimate_gradients(s.engine.module, s.layers, batches, s.owners, s.device)
 
@@ -61,11 +63,11 @@ for group in groups:
 report["estimation_groups"] = len(groups)
 report["grouped_G_bitwise_equal"] = (grouped.keys() == grads.keys()
                                      and all(torch.equal(grouped[n], grads[n]) for n in grads))
-local = {n: init_from_gradient(G, cfg.lorasb, s.plan.lr_eff, cfg.train.seed + names.index(n))
+local = {n: init_from_gradient(G, cfg.lorasb, s.prepared.schedule.lr_eff, cfg.train.seed + names.index(n))
          for n, G in grads.items()}
 inits = broadcast_inits(s.layers, local, s.owners, s.device)
 apply_inits(s.layers, inits)
-report["lr_eff"] = s.plan.lr_eff
+report["lr_eff"] = s.prepared.schedule.lr_eff
 
 tensors = {f"G.{n}": G for n, G in grads.items()}
 for n, init in inits.items():

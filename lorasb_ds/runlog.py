@@ -1,0 +1,49 @@
+"""The run's metrics: ``metrics.jsonl`` (one JSON record per line) and TensorBoard, written by rank 0."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from .files import atomic_write_text
+
+
+class Logger:
+    """Rank 0 writes metrics to ``metrics.jsonl`` and to TensorBoard through ``engine.monitor``.
+
+    ``resume_step``: a resumed run continues its own log from that step. Records of later steps (written
+    after the checkpoint, before the run stopped) are dropped from ``metrics.jsonl``, and TensorBoard is
+    told to purge its points past the checkpoint (a ``SessionLog.START`` event, as ``SummaryWriter``'s
+    ``purge_step`` writes one), so that each step appears once in both."""
+
+    def __init__(self, engine, output_dir: str, rank: int, resume_step: int | None = None):
+        self.engine, self.rank = engine, rank
+        self.file = None
+        if rank != 0:
+            return
+        path = os.path.join(output_dir, "metrics.jsonl")
+        kept = []
+        if resume_step is not None and os.path.isfile(path):
+            kept = [line for line in open(path) if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+        atomic_write_text("".join(kept), path)
+        self.file = open(path, "a")
+        writer = getattr(getattr(engine.monitor, "tb_monitor", None), "summary_writer", None)
+        if resume_step is not None and writer is not None:
+            from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+
+            # TensorBoard keeps the points before this step, of every file in the folder, and drops the rest
+            writer.file_writer.add_event(Event(step=engine.global_samples + 1,
+                                               session_log=SessionLog(status=SessionLog.START)))
+
+    def log(self, record: dict, tb: dict[str, float] | None = None) -> None:
+        if self.rank != 0:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if tb:
+            samples = self.engine.global_samples
+            self.engine.monitor.write_events([(tag, value, samples) for tag, value in tb.items()])
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
