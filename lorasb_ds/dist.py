@@ -549,6 +549,32 @@ def init_distributed(timeout_minutes: float) -> tuple[int, int, torch.device]:
     return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
 
 
+def join_launch() -> tuple[int, int]:
+    """(rank, world size) of a process that starts its own gloo group later (evaluation): as ``discover``
+    finds them, whatever started the process ((0, 1) for none); the rendezvous variables are exported."""
+    layout = discover()
+    if layout.world_size > 1:
+        layout.export()
+    return layout.rank, layout.world_size
+
+
+def start_gloo_group(rank: int, world: int, timeout_minutes: float) -> bool:
+    """Join a gloo process group (none for a world of one, or when one exists); True when this call
+    started it (the caller then destroys it)."""
+    if world == 1 or not torch.distributed.is_available() or torch.distributed.is_initialized():
+        return False
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world,
+                                         timeout=timedelta(minutes=timeout_minutes))
+    return True
+
+
+def current_world() -> tuple[int, int]:
+    """(rank, world size) of the process group, or (0, 1) without one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
 def any_rank(flags: list[bool], device: torch.device) -> list[bool]:
     """Each flag, true if it is true on any rank (one all-reduce; every rank must call it)."""
     t = torch.tensor([int(f) for f in flags], device=device)

@@ -1,4 +1,4 @@
-"""Evaluation (evaluate.py): answer extraction and scoring by hand-checked cases, apply_adapter, and
+"""Evaluation: answer extraction and scoring (scoring.py) by hand-checked cases, apply_adapter, and
 `lorasb eval` end to end on the built-in tiny model, in one process and sharded over two."""
 
 import json
@@ -11,6 +11,7 @@ import torch
 
 from conftest import REPO, run_command
 from lorasb_ds import evaluate as ev
+from lorasb_ds import scoring
 from lorasb_ds.cli import EVAL_MAX_NEW_TOKENS, EVAL_TASKS
 from lorasb_ds.cli import main as cli_main
 from lorasb_ds.config import ConfigError
@@ -21,6 +22,14 @@ from lorasb_ds.modeling import tiny_llama
 from test_export import write_adapter
 
 # --------------------------------------------------------------------------- numbers and GSM8K
+
+
+def test_scoring_imports_without_torch():
+    """Answer scoring and GLUE's metrics load without torch (a scoring change needs no model)."""
+    code = "import sys, lorasb_ds.scoring, lorasb_ds.glue; print(sorted(m for m in sys.modules if m.startswith('torch')))"
+    out = run_command([sys.executable, "-c", code]).stdout.strip().splitlines()[-1]
+    assert out == "[]"
+
 
 # (generation, gold, strict prediction, strict correct, flexible prediction, flexible correct)
 GSM8K_CASES = [
@@ -59,9 +68,9 @@ GSM8K_CASES = [
 
 @pytest.mark.parametrize("generation,gold,strict,strict_ok,flexible,flexible_ok", GSM8K_CASES)
 def test_gsm8k_scoring(generation, gold, strict, strict_ok, flexible, flexible_ok):
-    value = ev.parse_number(gold)
-    example = ev.Example(0, "q", "p", ev.format_number(value), gold_value=value)
-    got = ev.score("gsm8k", generation, example)
+    value = scoring.parse_number(gold)
+    example = scoring.Example(0, "q", "p", scoring.format_number(value), gold_value=value)
+    got = scoring.score("gsm8k", generation, example)
     assert got == {"prediction_strict": strict, "prediction_flexible": flexible,
                    "correct_strict": strict_ok, "correct_flexible": flexible_ok}
 
@@ -74,7 +83,7 @@ def test_gsm8k_scoring(generation, gold, strict, strict_ok, flexible, flexible_o
     ("no digits at all", []),
 ])
 def test_find_numbers(text, numbers):
-    assert ev.find_numbers(text) == [Fraction(n) for n in numbers]
+    assert scoring.find_numbers(text) == [Fraction(n) for n in numbers]
 
 
 @pytest.mark.parametrize("answer,gold", [
@@ -88,20 +97,20 @@ def test_find_numbers(text, numbers):
     (18, "18"),  # a number column
 ])
 def test_gsm8k_gold(answer, gold):
-    assert ev.format_number(ev.gsm8k_gold(answer)) == gold
+    assert scoring.format_number(scoring.gsm8k_gold(answer)) == gold
 
 
 @pytest.mark.parametrize("answer", ["a solution without the marker", "#### none", "seventy-two"])
 def test_gsm8k_gold_missing(answer):
     with pytest.raises(ValueError):
-        ev.gsm8k_gold(answer)
+        scoring.gsm8k_gold(answer)
 
 
 def test_format_number():
     cases = {Fraction(1234): "1234", Fraction(-7, 2): "-3.5", Fraction(1, 20): "0.05", Fraction(-1, 20): "-0.05",
              Fraction(1, 3): "1/3", Fraction(0): "0"}
-    assert {v: ev.format_number(v) for v in cases} == cases
-    assert ev.format_number(None) is None
+    assert {v: scoring.format_number(v) for v in cases} == cases
+    assert scoring.format_number(None) is None
 
 
 # --------------------------------------------------------------------------- MATH
@@ -121,21 +130,21 @@ def test_format_number():
     ("It is 12", "12", None, False, True),
 ])
 def test_math_scoring(generation, gold, strict, strict_ok, flexible_ok):
-    example = ev.Example(0, "q", "p", gold, gold_value=ev.math_value(gold))
-    got = ev.score("math", generation, example)
+    example = scoring.Example(0, "q", "p", gold, gold_value=scoring.math_value(gold))
+    got = scoring.score("math", generation, example)
     assert (got["prediction_strict"], got["correct_strict"]) == (strict, strict_ok)
     assert got["correct_flexible"] == flexible_ok
 
 
 def test_math_gold():
-    assert ev.math_gold({"problem": "p", "answer": " 7 "}) == "7"
+    assert scoring.math_gold({"problem": "p", "answer": " 7 "}) == "7"
     solution = "First \\boxed{3}. Then $x = \\boxed{\\frac{a^{2}}{b}}$."
-    assert ev.math_gold({"problem": "p", "solution": solution}) == "\\frac{a^{2}}{b}"
-    assert ev.math_gold({"problem": "p", "solution": "so \\fbox{12}"}) == "12"
-    assert ev.math_gold({"problem": "p", "answer": "", "solution": "\\boxed 5$"}) == "5"
+    assert scoring.math_gold({"problem": "p", "solution": solution}) == "\\frac{a^{2}}{b}"
+    assert scoring.math_gold({"problem": "p", "solution": "so \\fbox{12}"}) == "12"
+    assert scoring.math_gold({"problem": "p", "answer": "", "solution": "\\boxed 5$"}) == "5"
     with pytest.raises(ValueError):
-        ev.math_gold({"problem": "p", "solution": "no box here"})
-    assert ev.math_value("\\frac{3}{4}") == Fraction(3, 4) and ev.math_value("\\sqrt{2}") is None
+        scoring.math_gold({"problem": "p", "solution": "no box here"})
+    assert scoring.math_value("\\frac{3}{4}") == Fraction(3, 4) and scoring.math_value("\\sqrt{2}") is None
 
 
 # --------------------------------------------------------------------------- commonsense
@@ -156,19 +165,19 @@ def test_math_gold():
     ("I do not know", "answer1", None, None),
 ])
 def test_commonsense_scoring(generation, gold, strict, flexible):
-    example = ev.Example(0, "q", "p", gold, family=ev.commonsense_family(gold))
-    got = ev.score("commonsense", generation, example)
+    example = scoring.Example(0, "q", "p", gold, family=scoring.commonsense_family(gold))
+    got = scoring.score("commonsense", generation, example)
     assert got == {"prediction_strict": strict, "prediction_flexible": flexible,
                    "correct_strict": strict == gold, "correct_flexible": flexible == gold}
 
 
 def test_commonsense_families():
-    assert {g: ev.commonsense_family(g) for g in ("answer5", "option2", "solution1", "ending3", "false")} == {
+    assert {g: scoring.commonsense_family(g) for g in ("answer5", "option2", "solution1", "ending3", "false")} == {
         "answer5": "answer", "option2": "option", "solution1": "solution", "ending3": "ending",
         "false": "true/false"}
     for bad in ("answer6", "ending0", "True", "B"):
         with pytest.raises(ValueError):
-            ev.commonsense_family(bad)
+            scoring.commonsense_family(bad)
 
 
 # --------------------------------------------------------------------------- prompts and data
@@ -226,7 +235,7 @@ def test_eval_prompt_template_checks(e2e, capsys):
 
 
 def test_cli_constants_match():
-    assert EVAL_TASKS == ev.TASKS and EVAL_MAX_NEW_TOKENS == ev.DEFAULT_MAX_NEW_TOKENS == 256
+    assert EVAL_TASKS == scoring.TASKS and EVAL_MAX_NEW_TOKENS == ev.DEFAULT_MAX_NEW_TOKENS == 256
     from lorasb_ds.cli import EVAL_PROMPT_TEMPLATES
 
     assert EVAL_PROMPT_TEMPLATES == ev.EVAL_PROMPT_TEMPLATES
@@ -309,10 +318,10 @@ def test_eval_outputs(e2e):
         assert set(row) == keys
         assert row["prompt"] == ev.math_prompt(src["question"])
         assert isinstance(row["generation"], str)
-        example = ev.Example(row["index"], src["question"], row["prompt"], row["gold"],
-                             gold_value=ev.parse_number(row["gold"]))
+        example = scoring.Example(row["index"], src["question"], row["prompt"], row["gold"],
+                             gold_value=scoring.parse_number(row["gold"]))
         scored = {k: row[k] for k in keys if k.startswith(("prediction", "correct"))}
-        assert ev.score("gsm8k", row["generation"], example) == scored
+        assert scoring.score("gsm8k", row["generation"], example) == scored
     assert all(r["generation"].strip() for r in rows)  # the model produced text for every prompt
 
     summary = json.loads((out / "summary.json").read_text())

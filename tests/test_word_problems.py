@@ -12,7 +12,7 @@ from conftest import REPO
 sys.path.insert(0, os.path.join(REPO, "scripts"))
 import make_word_problems as wp  # noqa: E402
 
-from lorasb_ds.evaluate import extract_strict, gsm8k_gold  # noqa: E402
+from lorasb_ds.scoring import extract_strict, gsm8k_gold  # noqa: E402
 
 
 def shipped(split):
