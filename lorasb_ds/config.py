@@ -25,6 +25,7 @@ import yaml
 
 from .errors import ConfigError  # noqa: F401  (also imported from here)
 from .glue import task_of
+from .methods import METHODS
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -45,7 +46,6 @@ class ModelConfig:
     trust_remote_code: bool = False
 
 
-METHODS = ("lorasb", "loraxs", "lora", "full")
 
 
 @dataclass
@@ -314,7 +314,7 @@ def validate_run_config(cfg: RunConfig) -> None:
     s, t, d = cfg.lorasb, cfg.train, cfg.data
     checks = [
         (s.method in METHODS, f"lorasb.method must be one of {', '.join(METHODS)}, got '{s.method}'"),
-        (s.lora_alpha is None or s.method == "lora",
+        (s.lora_alpha is None or s.method not in METHODS or METHODS[s.method].alpha_scaled,
          f"lorasb.lora_alpha applies to lorasb.method=lora only; method {s.method} has no scaling: drop it"),
         (s.lora_alpha is None or s.lora_alpha > 0, f"lorasb.lora_alpha must be positive, got {s.lora_alpha}"),
         (s.r > 0, f"lorasb.r must be a positive integer, got {s.r}"),

@@ -39,6 +39,7 @@ from safetensors.torch import save_file
 from .config import ConfigError
 from .files import atomic_save_file, atomic_write_text, give_default_mode
 from .init import INIT_FORMAT
+from .methods import METHODS
 from .zero3_loading import INDEX_FILE, SINGLE_FILE, safetensors_files
 
 ADAPTER_FORMAT = "lorasb-adapter-v1"
@@ -211,7 +212,7 @@ def export_peft(adapter_dir: str, out_dir: str, base_model: str | None = None) -
     trained on). Each file is written atomically. Returns out_dir.
     """
     adapter, weights, meta = load_adapter(adapter_dir)
-    if meta["method"] == "full":
+    if not METHODS[meta["method"]].wraps:
         raise ConfigError(f"--adapter {adapter_dir}: method 'full' trained every weight and has no LoRA form; "
                           "write the fine-tuned model with `lorasb merge` instead")
     os.makedirs(out_dir, exist_ok=True)

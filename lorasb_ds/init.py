@@ -41,6 +41,7 @@ from .estimate import (EstimationStats, check_finite, estimate_gradients, estima
                        max_accum_bytes, weighted_estimation_batches)
 from .files import atomic_save_file
 from .layer import LoRASBLinear
+from .methods import METHODS
 from .modeling import builtin_name
 
 INIT_FORMAT = "lorasb-init-v1"
@@ -229,13 +230,13 @@ def init_adapters(cfg: RunConfig, model: torch.nn.Module, layers: dict[str, LoRA
     """
     import deepspeed
 
-    method, rank = cfg.lorasb.method, dist.get_rank()
+    method, rank = METHODS[cfg.lorasb.method], dist.get_rank()
     index = {name: i for i, name in enumerate(layers)}  # a per-module seed, owner-independent
     mine = [name for name in layers if owners[name] == rank]
     stats = None
     local: dict[str, LayerInit] = {}
     init_seconds = 0.0
-    if method == "lorasb":  # group by group: estimate G (collective), then the owners' SVDs free it
+    if method.estimates:  # group by group: estimate G (collective), then the owners' SVDs free it
         batches = weighted_estimation_batches(examples, cfg.lorasb.est_samples, cfg.lorasb.est_micro_batch,
                                               rank, dist.get_world_size(), cfg.train.seed, pad_token_id)
         for group in estimation_groups(layer_shapes(layers), owners, max_accum_bytes(cfg.lorasb)):
@@ -251,25 +252,25 @@ def init_adapters(cfg: RunConfig, model: torch.nn.Module, layers: dict[str, LoRA
     t0 = time.perf_counter()
     for name, layer in layers.items():
         seed = cfg.train.seed + index[name]
-        if method == "loraxs":
+        if method.init == "weight":
             with deepspeed.zero.GatheredParameters([layer.base.weight]):  # every rank, every module
                 W0 = layer.base.weight.detach().float().clone() if name in mine else None
             if W0 is not None:
                 local[name] = init_from_weight(W0, cfg.lorasb, seed)
-        elif method == "lora" and name in mine:
+        elif method.init == "seeded" and name in mine:
             local[name] = lora_init(layer.out_features, layer.in_features, cfg.lorasb, seed)
     init_seconds += time.perf_counter() - t0
     inits = broadcast_inits(layers, local, owners, device)
     meta = dict(init_metadata(cfg), init_id=new_init_id(), seed=cfg.train.seed, world_size=dist.get_world_size(),
                 owners=owners, versions=library_versions())
-    if method == "lorasb":
+    if method.estimates:
         meta.update(update=cfg.lorasb.update, lr_eff=lr_eff, est_samples=cfg.lorasb.est_samples,
                     est_micro_batch=cfg.lorasb.est_micro_batch, data_fingerprint=data_fingerprint,
                     estimation_seconds=round(stats.seconds, 3) if stats else None)
-    if method in ("lorasb", "loraxs"):
+    if method.decomposes:
         meta.update(svd=cfg.lorasb.svd, svd_oversample=cfg.lorasb.svd_oversample, svd_niter=cfg.lorasb.svd_niter,
                     svd_tol=cfg.lorasb.svd_tol, svd_max_iter=cfg.lorasb.svd_max_iter)
-    if method == "lora":
+    if method.alpha_scaled:
         meta.update(lora_alpha=cfg.lorasb.lora_alpha if cfg.lorasb.lora_alpha is not None else 2 * cfg.lorasb.r)
     if rank == 0:
         save_init_file(init_path, inits, meta)
@@ -277,8 +278,8 @@ def init_adapters(cfg: RunConfig, model: torch.nn.Module, layers: dict[str, LoRA
             passes = f" ({stats.passes} passes)" if stats.passes > 1 else ""
             print(f"[lorasb] estimation: {stats.micro_batches_per_rank} micro-batches per rank{passes} in "
                   f"{stats.seconds:.2f}s, lr_eff {lr_eff:.3g}")
-        print(f"[lorasb] {method} init of {len(inits)} layers: {init_seconds:.2f}s on rank 0")
-        if method in ("lorasb", "loraxs") and inits:
+        print(f"[lorasb] {method.name} init of {len(inits)} layers: {init_seconds:.2f}s on rank 0")
+        if method.decomposes and inits:
             energies, iterations = [i.energy for i in inits.values()], [i.svd_iterations for i in inits.values()]
             print(f"[lorasb] SVD ({cfg.lorasb.svd}): captured energy min {min(energies):.3f} mean "
                   f"{sum(energies) / len(energies):.3f}; iterations max {max(iterations)}")

@@ -20,6 +20,7 @@ from .estimate import assign_owners, estimation_groups, max_accum_bytes
 from .export import INIT_FILE_NAME
 from .init import check_init_metadata, init_metadata, read_init_metadata
 from .layer import shape_of
+from .methods import METHODS
 from .modeling import auto_class, check_model_source, load_tokenizer, model_config_of
 from .schedule import Schedule, make_schedule
 from .surgery import find_targets, modules_to_save
@@ -79,7 +80,7 @@ def prepare(cfg: RunConfig, ds_config: dict) -> Prepared:
         print(f"[lorasb] data: {describe_truncation(truncated, cfg.data.max_length, len(rows), len(examples))}")
     schedule = make_schedule(cfg, len(examples), layout.micro_batch, layout.grad_accum, layout.world_size)
     data_fingerprint = None  # of the estimation data: needed to estimate, or to check a resume
-    if cfg.lorasb.method == "lorasb" and (not init_file or cfg.train.resume):
+    if METHODS[cfg.lorasb.method].estimates and (not init_file or cfg.train.resume):
         data_fingerprint = fingerprint(
             examples, estimation_indices(cfg.lorasb.est_samples, len(examples), cfg.train.seed))
     if init_file:
@@ -105,14 +106,15 @@ def prepare(cfg: RunConfig, ds_config: dict) -> Prepared:
 def check_targets_without_weights(cfg: RunConfig, world: int) -> None:
     """Fail on bad targets, rank, modules to save or accumulator budget from the model's config alone,
     before any weight is loaded."""
-    if cfg.lorasb.method == "full":
+    method = METHODS[cfg.lorasb.method]
+    if not method.wraps:
         return
     with torch.device("meta"):
         skeleton = auto_class(cfg.model.task).from_config(model_config_of(cfg),
                                                           trust_remote_code=cfg.model.trust_remote_code)
     found = find_targets(skeleton, cfg.lorasb.target_modules, cfg.lorasb.r)
     modules_to_save(skeleton, cfg.lorasb.modules_to_save, cfg.model.task)
-    if cfg.lorasb.method == "lorasb":
+    if method.estimates:
         shapes = {name: shape_of(module) for name, module in found}
         estimation_groups(shapes, assign_owners(shapes, world), max_accum_bytes(cfg.lorasb))
 
@@ -129,13 +131,14 @@ def dry_run(p: Prepared) -> dict:
                "steps": p.schedule.total_steps, "warmup_steps": p.schedule.warmup_steps,
                "lr_eff": p.schedule.lr_eff, "init_file": cfg.train.init_file, "resume_from": p.resume_from}
     text = json.dumps(summary, indent=2)
-    if cfg.lorasb.method != "lorasb":
+    estimates = METHODS[cfg.lorasb.method].estimates  # the memory plan models LoRA-SB's estimation and R
+    if not estimates:
         text += f"\n[lorasb] the memory plan models lorasb.method=lorasb only; not printed for {cfg.lorasb.method}"
     zero = p.ds_config.get("zero_optimization", {})
     buckets = {k: zero[k] for k in ("reduce_bucket_size", "prefetch_bucket_size") if k in zero}
     if "stage3_prefetch_bucket_size" in zero:
         buckets["prefetch_bucket_size"] = zero["stage3_prefetch_bucket_size"]
-    if cfg.lorasb.method == "lorasb":
+    if estimates:
         layer_plan = plan_memory(model_config_of(cfg), cfg.lorasb.r, cfg.lorasb.target_modules, layout.world_size,
                                  layout.micro_batch, cfg.data.max_length, precision(p.ds_config),
                                  bool(zero.get("offload_param")), cfg.model.gradient_checkpointing,

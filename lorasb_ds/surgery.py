@@ -14,6 +14,7 @@ import torch.nn as nn
 
 from .config import ConfigError
 from .layer import LoRASBLinear, shape_of
+from .methods import METHODS
 
 
 def find_targets(model: nn.Module, target_modules: list[str], r: int) -> list[tuple[str, nn.Linear]]:
@@ -54,16 +55,13 @@ def find_targets(model: nn.Module, target_modules: list[str], r: int) -> list[tu
     return found
 
 
-TRAINED_FACTORS = {"lorasb": ("R",), "loraxs": ("R",), "lora": ("B", "A")}
-"""Per ``lorasb.method``, which of B, A, R its adapter layers train (``full`` has no adapter layers)."""
-
-
 def wrap_targets(model: nn.Module, target_modules: list[str], r: int, dropout: float = 0.0,
                  method: str = "lorasb") -> dict[str, LoRASBLinear]:
     """Freeze the whole model, replace every target by a ``LoRASBLinear``; returns {name: layer}.
 
-    ``method: full`` wraps nothing and leaves every weight trainable (returns {})."""
-    if method == "full":
+    A method without adapter layers (``full``) wraps nothing and leaves every weight trainable
+    (returns {}); the others train the factors ``methods.METHODS`` names."""
+    if not METHODS[method].wraps:
         model.requires_grad_(True)
         return {}
     targets = find_targets(model, target_modules, r)
@@ -72,7 +70,7 @@ def wrap_targets(model: nn.Module, target_modules: list[str], r: int, dropout: f
     for name, linear in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        layer = LoRASBLinear(linear, r, dropout, trainable=TRAINED_FACTORS[method])
+        layer = LoRASBLinear(linear, r, dropout, trainable=METHODS[method].trained)
         setattr(parent, child, layer)
         layers[name] = layer
     return layers

@@ -32,6 +32,7 @@ from .estimate import assign_owners, layer_shapes
 from .export import INIT_FILE_NAME, save_adapter
 from .init import apply_inits, init_adapters, load_init_file
 from .layer import LoRASBLinear
+from .methods import METHODS
 from .modeling import load_model, model_dtype, num_labels_of
 from .prepare import Prepared, dry_run, prepare
 from .runlog import Logger
@@ -117,7 +118,7 @@ def run(cfg: RunConfig, ds_config: dict, dry: bool = False) -> dict:
         raise SystemExit(EXIT_PREEMPTED)
 
     # ---- the adapter and the summary
-    estimated_by_this_run = cfg.lorasb.method == "lorasb" and (
+    estimated_by_this_run = METHODS[cfg.lorasb.method].estimates and (
         os.path.abspath(init_path) == os.path.abspath(os.path.join(out_dir, INIT_FILE_NAME)))
     summary = {
         "method": cfg.lorasb.method, "steps": position.step, "world_size": s.world,
@@ -160,7 +161,7 @@ def build(p: Prepared) -> Session:
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     layers = wrap_targets(model, cfg.lorasb.target_modules, cfg.lorasb.r, cfg.lorasb.dropout, cfg.lorasb.method)
-    saved = [] if cfg.lorasb.method == "full" else modules_to_save(model, cfg.lorasb.modules_to_save,
+    saved = [] if not METHODS[cfg.lorasb.method].wraps else modules_to_save(model, cfg.lorasb.modules_to_save,
                                                                     cfg.model.task)
     train_modules(model, saved)
     counts = count_parameters(model, layers)

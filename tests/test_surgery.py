@@ -135,3 +135,17 @@ def test_find_targets_on_meta_model():
     assert names == in_model_order
     with pytest.raises(ConfigError, match=re.escape("k_proj")):
         find_targets(meta, LLAMA_TARGETS, r=65)
+
+
+@pytest.mark.parametrize("method,trained_suffixes", [
+    ("lorasb", {"lora_R"}), ("loraxs", {"lora_R"}), ("lora", {"lora_B", "lora_A"}), ("full", None),
+])
+def test_each_method_trains_what_its_row_of_the_table_says(model, method, trained_suffixes):
+    """methods.METHODS: LoRA-SB and LoRA-XS train R, LoRA trains B and A, full trains every weight."""
+    layers = wrap_targets(model, LLAMA_TARGETS, r=4, method=method)
+    trained = [name for name, p in model.named_parameters() if p.requires_grad]
+    if trained_suffixes is None:
+        assert layers == {} and len(trained) == len(list(model.parameters()))
+        return
+    assert {name.rsplit(".", 1)[1] for name in trained} == trained_suffixes
+    assert len(trained) == len(trained_suffixes) * len(layers) == len(trained_suffixes) * 7 * LAYERS
