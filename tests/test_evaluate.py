@@ -371,6 +371,7 @@ def launcher_cmd(launcher: str, script: str) -> list[str]:
     return [mpirun, "--allow-run-as-root", "--oversubscribe", "-np", "2", sys.executable, script]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["torchrun", "mpirun"])
 def test_eval_sharded_matches_single_process(e2e, launcher):
     out = e2e["root"] / f"sharded-{launcher}"

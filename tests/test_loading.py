@@ -97,6 +97,7 @@ def test_load_without_zero3_gives_the_saved_weights(saved_model):
         assert torch.equal(p, q), n
 
 
+@pytest.mark.slow  # a 2-process torchrun
 @pytest.mark.parametrize("tag", ["single", "sharded", "tied", "offload"])
 def test_zero3_load_is_partitioned_on_every_rank(loaded, checkpoints, tag):
     _, reports = loaded[tag]
@@ -110,6 +111,7 @@ def test_zero3_load_is_partitioned_on_every_rank(loaded, checkpoints, tag):
         assert not r["training"]  # eval mode, as from_pretrained returns a model
 
 
+@pytest.mark.slow  # a 2-process torchrun
 @pytest.mark.parametrize("tag", ["single", "sharded", "tied", "offload"])
 def test_zero3_load_gives_the_saved_weights_bitwise(loaded, checkpoints, tag):
     gathered, _ = loaded[tag]
@@ -119,6 +121,7 @@ def test_zero3_load_gives_the_saved_weights_bitwise(loaded, checkpoints, tag):
         assert torch.equal(gathered[name], p.detach()), name
 
 
+@pytest.mark.slow  # a 2-process torchrun
 def test_tied_checkpoint_holds_one_copy_and_loads_tied(loaded, checkpoints):
     path, ref = checkpoints["tied"]
     keys = checkpoint_tensors(path)
@@ -130,6 +133,7 @@ def test_tied_checkpoint_holds_one_copy_and_loads_tied(loaded, checkpoints):
     assert reports[0]["full_elements"] == sum(p.numel() for p in ref.parameters())  # counted once
 
 
+@pytest.mark.slow  # a 2-process torchrun
 def test_bf16_load_from_an_fp32_checkpoint_equals_the_cast(loaded, checkpoints):
     gathered, _ = loaded["bf16"]
     for name, p in checkpoints["sharded"][1].named_parameters():
@@ -137,6 +141,7 @@ def test_bf16_load_from_an_fp32_checkpoint_equals_the_cast(loaded, checkpoints):
         assert torch.equal(gathered[name], p.detach().to(torch.bfloat16)), name
 
 
+@pytest.mark.slow  # a 2-process torchrun
 @pytest.mark.parametrize("tag,dtype", [("sharded", torch.float32), ("bf16", torch.bfloat16),
                                        ("tied", torch.float32)])
 def test_buffers_equal_those_of_from_pretrained(loaded, checkpoints, tag, dtype):
@@ -151,6 +156,7 @@ def test_buffers_equal_those_of_from_pretrained(loaded, checkpoints, tag, dtype)
         assert torch.equal(gathered[f"buffer:{name}"], b), name
 
 
+@pytest.mark.slow  # a 2-process torchrun
 def test_a_new_head_is_initialized_and_an_unused_one_skipped(loaded, checkpoints):
     """LlamaForSequenceClassification from a causal-LM checkpoint: ``score`` is new, ``lm_head`` unused."""
     gathered, reports = loaded["seqcls"]
@@ -265,6 +271,7 @@ def rss_checkpoint(tmp_path_factory):
     return path, sum(p.numel() * 4 for p in model.parameters())
 
 
+@pytest.mark.slow  # a 2-process torchrun
 def test_zero3_load_never_holds_a_full_copy_per_rank(rss_checkpoint, tmp_path):
     path, full_bytes = rss_checkpoint
     torchrun(2, WORKER, str(tmp_path), f"rss:{path}:fp32:rss")

@@ -20,6 +20,7 @@ from lorasb_ds.estimate import weighted_estimation_batches
 from lorasb_ds.init import init_from_gradient
 from lorasb_ds.modeling import tiny_llama, tiny_tokenizer
 
+pytestmark = pytest.mark.slow  # torchrun launches
 WORKER = os.path.join(os.path.dirname(__file__), "workers", "zero3_worker.py")
 STEPS = 6
 
