@@ -50,6 +50,10 @@ class Position:
     step: int = 0
     epoch: int = 0
     micro_batch: int = 0
+    best_eval_loss: float | None = None
+    """Lowest validation loss so far (early stopping)."""
+    evals_since_best: int = 0
+    """Validations since that best one."""
 
 
 def complete_checkpoints(output_dir: str) -> list[str]:
@@ -126,7 +130,8 @@ def load(engine, path: str) -> tuple[Position, dict]:
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
-    position = Position(marker["step"], marker["epoch"], marker["micro_batch"])
+    position = Position(marker["step"], marker["epoch"], marker["micro_batch"], marker.get("best_eval_loss"),
+                        marker.get("evals_since_best", 0))
     return position, marker
 
 

@@ -125,6 +125,18 @@ class DataConfig:
     their own prompt."""
     max_length: int = 512
     """Longest tokenized sample; longer ones are truncated and counted."""
+    eval_path: str | None = None
+    """Held-out rows for the validation loss: a local file or directory in ``data.format``."""
+    eval_split: str | None = None
+    """Held-out split of ``data.path`` (a directory or hub dataset), e.g. ``validation``."""
+    eval_fraction: float = 0.0
+    """Hold out this fraction of the training rows (a seeded choice) for the validation loss."""
+
+    def held_out(self) -> str | None:
+        """Which setting gives the held-out set (None: no validation)."""
+        given = [name for name, value in (("data.eval_path", self.eval_path), ("data.eval_split", self.eval_split),
+                                          ("data.eval_fraction", self.eval_fraction)) if value]
+        return given[0] if given else None
 
     def source_kind(self) -> str:
         """``builtin``, ``file``, ``dir`` or ``hub``; a local-looking path that is not there is an error.
@@ -187,6 +199,11 @@ class TrainConfig:
     """Allow starting a new run in an output_dir that already holds one."""
     dist_timeout_minutes: float = 30.0
     """Timeout of every collective (raise it for very long model loads or SVDs)."""
+    eval_every: int = 0
+    """Optimizer steps between validation losses on the held-out set (``data.eval_*``); 0: at the end only."""
+    early_stopping_patience: int = 0
+    """Stop (checkpoint and adapter written) after this many validations in a row without a new best
+    validation loss; 0: never."""
 
 
 @dataclass
@@ -367,6 +384,17 @@ def validate_run_config(cfg: RunConfig) -> None:
         (t.keep_last >= 1, f"train.keep_last must be at least 1, got {t.keep_last}"),
         (t.dist_timeout_minutes > 0, "train.dist_timeout_minutes must be positive"),
         (bool(t.output_dir), "train.output_dir is empty: name a directory for the run's outputs"),
+        (t.eval_every >= 0, f"train.eval_every must be >= 0 (0: at the end only), got {t.eval_every}"),
+        (t.early_stopping_patience >= 0,
+         f"train.early_stopping_patience must be >= 0 (0: never stop early), got {t.early_stopping_patience}"),
+        (0.0 <= d.eval_fraction < 1.0, f"data.eval_fraction must be in [0, 1), got {d.eval_fraction}"),
+        (sum(bool(v) for v in (d.eval_path, d.eval_split, d.eval_fraction)) <= 1,
+         "data.eval_path, data.eval_split and data.eval_fraction each name a held-out set: set one of them"),
+        (d.held_out() or not (t.eval_every or t.early_stopping_patience),
+         f"train.{'eval_every' if t.eval_every else 'early_stopping_patience'} needs a held-out set: set "
+         "data.eval_path, data.eval_split or data.eval_fraction"),
+        (t.eval_every or not t.early_stopping_patience,
+         "train.early_stopping_patience counts validations: set train.eval_every (steps between them) too"),
     ]
     for ok, message in checks:
         if not ok:
@@ -382,6 +410,12 @@ def validate_run_config(cfg: RunConfig) -> None:
     if kind == "file" and (d.split != "train" or d.subset):
         raise ConfigError(f"data.path '{d.path}' is a single file, which is one split: data.split and "
                           "data.subset apply to directories and hub datasets only; drop them")
+    if d.eval_split and kind in ("file", "builtin"):
+        raise ConfigError(f"data.eval_split applies to a directory or hub dataset in data.path; "
+                          f"{'a single file is one split' if kind == 'file' else 'the built-in data has none'}: "
+                          "hold out rows with data.eval_fraction or give data.eval_path")
+    if d.eval_path and not os.path.exists(os.path.expanduser(d.eval_path)):
+        raise ConfigError(f"data.eval_path: no such file or directory '{d.eval_path}'")
 
 
 # --------------------------------------------------------------------------- DeepSpeed config

@@ -348,6 +348,29 @@ def load_rows(cfg: DataConfig, seed: int) -> datasets.Dataset:
     return ds
 
 
+def split_held_out(rows: datasets.Dataset, cfg: DataConfig, seed: int
+                   ) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+    """(training rows, held-out rows or None) as ``data.eval_path``, ``eval_split`` or ``eval_fraction`` say.
+
+    A fraction is a seeded choice of the rows (at least one, and at least one left to train on)."""
+    if cfg.eval_fraction:
+        held = max(1, round(cfg.eval_fraction * len(rows)))
+        if held >= len(rows):
+            raise ConfigError(f"data.eval_fraction = {cfg.eval_fraction} of {len(rows)} rows leaves none to "
+                              "train on; lower it or use more data")
+        order = _permutation(len(rows), seed)
+        return rows.select(sorted(order[held:])), rows.select(sorted(order[:held]))
+    if not (cfg.eval_path or cfg.eval_split):
+        return rows, None
+    source = (dataclasses.replace(cfg, path=cfg.eval_path, split="train", subset=None) if cfg.eval_path
+              else dataclasses.replace(cfg, split=cfg.eval_split))
+    setting = "data.eval_path" if cfg.eval_path else "data.eval_split"
+    try:
+        return rows, load_rows(source, seed)
+    except ConfigError as e:
+        raise ConfigError(f"{setting}: {e}") from None
+
+
 # --------------------------------------------------------------------------- prompts per format
 
 
@@ -565,6 +588,15 @@ def train_batches(num_examples: int, micro_batch: int, rank: int, world_size: in
             "data (data.path or data.builtin_size) or a smaller train_micro_batch_size_per_gpu"
         )
     mine = _permutation(num_examples, seed + epoch)[rank::world_size][:per_rank]
+    return [mine[i * micro_batch:(i + 1) * micro_batch] for i in range(num_batches)]
+
+
+def eval_batches(num_examples: int, micro_batch: int, rank: int, world_size: int) -> list[list[int]]:
+    """This rank's micro-batches of the held-out set, in order: rank r takes examples r, r + world, ...
+    Every rank returns the same number of lists; a rank short of examples gets empty ones at the end
+    (the caller runs zero-weight dummy passes, so the ZeRO-3 gathers stay in step)."""
+    mine = list(range(rank, num_examples, world_size))
+    num_batches = math.ceil(math.ceil(num_examples / world_size) / micro_batch)
     return [mine[i * micro_batch:(i + 1) * micro_batch] for i in range(num_batches)]
 
 

@@ -71,6 +71,7 @@ def save_adapter(adapter_dir: str, trained: dict[str, torch.Tensor], init_path: 
         os.replace(init_copy + ".tmp", init_copy)
     meta = {"format": ADAPTER_FORMAT, "init_file": INIT_FILE_NAME, "method": init_meta.get("method", "lorasb"),
             "task": init_meta.get("task", "causal_lm"), "modules_to_save": init_meta.get("modules_to_save", []),
+            "training": init_meta.get("training", {}),
             **{k: init_meta[k] for k in ("init_id", "model", "target_modules", "r")}}
     atomic_save_file(trained, os.path.join(adapter_dir, ADAPTER_FILE_NAME), {"lorasb": json.dumps(meta)})
 
@@ -206,20 +207,75 @@ def _check_shapes(adapter: Adapter, r: int, adapter_dir: str) -> None:
 
 
 def export_peft(adapter_dir: str, out_dir: str, base_model: str | None = None) -> str:
-    """Write ``adapter_model.safetensors`` and ``adapter_config.json`` of a PEFT LoRA adapter to out_dir.
+    """Write ``adapter_model.safetensors``, ``adapter_config.json`` and a model card (``README.md``) of a
+    PEFT LoRA adapter to out_dir.
 
     ``base_model`` is recorded as ``base_model_name_or_path`` (default: the model the adapter was
-    trained on). Each file is written atomically. Returns out_dir.
+    trained on; for the built-in model, the checkpoint this package ships, or for the built-in
+    classifier a copy written to ``out_dir/base_model``, so the name always resolves). Each file is
+    written atomically. Returns out_dir.
     """
     adapter, weights, meta = load_adapter(adapter_dir)
     if not METHODS[meta["method"]].wraps:
         raise ConfigError(f"--adapter {adapter_dir}: method 'full' trained every weight and has no LoRA form; "
                           "write the fine-tuned model with `lorasb merge` instead")
     os.makedirs(out_dir, exist_ok=True)
+    base_model = base_model or resolvable_base_model(meta, weights, out_dir)
     atomic_save_file(peft_state_dict(adapter, weights), os.path.join(out_dir, PEFT_WEIGHTS_NAME), {"format": "pt"})
-    config = peft_config(meta, base_model or meta.get("model"))
+    config = peft_config(meta, base_model)
     atomic_write_text(json.dumps(config, indent=2) + "\n", os.path.join(out_dir, PEFT_CONFIG_NAME))
+    atomic_write_text(model_card(meta, config, out_dir), os.path.join(out_dir, "README.md"))
     return out_dir
+
+
+def resolvable_base_model(meta: dict, weights: dict[str, torch.Tensor], out_dir: str) -> str:
+    """The training model as ``from_pretrained`` can load it: a name or path as given; the built-in Llama
+    as the checkpoint this package ships; the built-in classifier (built from code) saved to
+    ``out_dir/base_model`` with the head size of the trained one."""
+    from .modeling import TINY_LLAMA_DIR, builtin_name, tiny_roberta, tiny_tokenizer
+
+    model = meta.get("model")
+    if model == builtin_name("causal_lm"):
+        return TINY_LLAMA_DIR
+    if model == builtin_name("seq_cls"):
+        head = [t for key, t in weights.items() if key.endswith("out_proj.weight")]
+        path = os.path.join(os.path.abspath(out_dir), "base_model")
+        tiny_roberta(head[0].shape[0] if head else 2).save_pretrained(path)
+        tiny_tokenizer().save_pretrained(path)
+        return path
+    return model
+
+
+VLLM_MAX_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+"""The values vLLM's ``--max-lora-rank`` accepts (its LoRAConfig, 2025)."""
+
+
+def model_card(meta: dict, config: dict, out_dir: str) -> str:
+    """README.md of an exported adapter: what it is, how it was trained, how to load and serve it."""
+    r, t = int(meta["r"]), meta.get("training") or {}
+    method = {"lorasb": "LoRA-SB (arXiv 2411.19557): R trained, B and A from the estimated first update",
+              "loraxs": "LoRA-XS: R trained, B and A from the SVD of the base weights",
+              "lora": "LoRA: B and A trained"}[meta["method"]]
+    auto = "AutoPeftModelForSequenceClassification" if meta.get("task") == "seq_cls" else "AutoPeftModelForCausalLM"
+    vllm = next((k for k in VLLM_MAX_LORA_RANKS if k >= r), None)
+    facts = [("base model", config["base_model_name_or_path"]), ("trained on", meta.get("model")),
+             ("method", method), ("rank r", r), ("target modules", ", ".join(meta["target_modules"])),
+             ("trained numbers", f"{t['trainable_parameters']:,}" if "trainable_parameters" in t else None),
+             ("data", t.get("data")), ("optimizer steps", t.get("steps")), ("global batch", t.get("global_batch")),
+             ("final training loss", t.get("final_loss")), ("best validation loss", t.get("best_eval_loss")),
+             ("stopped early", t.get("stopped_early"))]
+    lines = [f"# {meta['method']} adapter of {meta.get('model')}", "",
+             "A PEFT LoRA adapter written by lorasb-ds (`lorasb export`): lora_B = B R, lora_A = A, "
+             "lora_alpha = r, so PEFT computes exactly the trained layer W0 x + B R A x.", ""]
+    lines += [f"- {name}: {value:.4f}" if isinstance(value, float) else f"- {name}: {value}"
+              for name, value in facts if value is not None]
+    lines += ["", "## Load with PEFT", "", "```python", f"from peft import {auto}", "",
+              f"model = {auto}.from_pretrained({os.path.abspath(out_dir)!r})", "```", "",
+              "## Serve with vLLM", "",
+              f"vLLM needs `--max-lora-rank` at least r = {r}: " + (
+                  f"`--enable-lora --max-lora-rank {vllm}` (it accepts {', '.join(map(str, VLLM_MAX_LORA_RANKS))})."
+                  if vllm else f"r = {r} is above every value it accepts ({VLLM_MAX_LORA_RANKS[-1]} at most)."), ""]
+    return "\n".join(lines)
 
 
 def peft_state_dict(adapter: Adapter, weights: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:

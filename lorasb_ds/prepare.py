@@ -15,7 +15,7 @@ import torch
 
 from .checkpoint import check_output_dir, resume_point
 from .config import BatchLayout, ConfigError, RunConfig, check_precision, precision, resolve_batch_layout
-from .data import describe_truncation, estimation_indices, fingerprint, load_rows, tokenize_rows
+from .data import describe_truncation, estimation_indices, fingerprint, load_rows, split_held_out, tokenize_rows
 from .estimate import assign_owners, estimation_groups, max_accum_bytes
 from .export import INIT_FILE_NAME
 from .init import check_init_metadata, init_metadata, read_init_metadata
@@ -37,6 +37,8 @@ class Prepared:
     tokenizer: object
     examples: list[dict]
     """Tokenized training examples (``input_ids``, ``labels``)."""
+    eval_examples: list[dict]
+    """Tokenized held-out examples for the validation loss (empty: no validation)."""
     truncated: int
     """Examples cut at ``data.max_length``."""
     schedule: Schedule
@@ -74,10 +76,13 @@ def prepare(cfg: RunConfig, ds_config: dict) -> Prepared:
     check_precision(ds_config, get_accelerator().device_name())
     check_targets_without_weights(cfg, layout.world_size)
     tokenizer = load_tokenizer(cfg.model)
-    rows = load_rows(cfg.data, cfg.train.seed)
+    rows, eval_rows = split_held_out(load_rows(cfg.data, cfg.train.seed), cfg.data, cfg.train.seed)
     examples, truncated = tokenize_rows(rows, tokenizer, cfg.data)
+    eval_examples = tokenize_rows(eval_rows, tokenizer, cfg.data)[0] if eval_rows is not None else []
     if os.environ.get("RANK", "0") == "0":
-        print(f"[lorasb] data: {describe_truncation(truncated, cfg.data.max_length, len(rows), len(examples))}")
+        print(f"[lorasb] data: {describe_truncation(truncated, cfg.data.max_length, len(rows), len(examples))}"
+              + (f"; {len(eval_examples)} held out for validation ({cfg.data.held_out()})" if eval_rows is not None
+                 else ""))
     schedule = make_schedule(cfg, len(examples), layout.micro_batch, layout.grad_accum, layout.world_size)
     data_fingerprint = None  # of the estimation data: needed to estimate, or to check a resume
     if METHODS[cfg.lorasb.method].estimates and (not init_file or cfg.train.resume):
@@ -99,7 +104,7 @@ def prepare(cfg: RunConfig, ds_config: dict) -> Prepared:
         output_path = os.path.join(cfg.train.output_dir, "tensorboard")
         ds_config = dict(ds_config, tensorboard=dict(tb, output_path=output_path))
     return Prepared(cfg=cfg, ds_config=ds_config, layout=layout, tokenizer=tokenizer, examples=examples,
-                    truncated=truncated, schedule=schedule, data_fingerprint=data_fingerprint,
+                    eval_examples=eval_examples, truncated=truncated, schedule=schedule, data_fingerprint=data_fingerprint,
                     resume_from=resume_from, marker=marker)
 
 
@@ -128,6 +133,7 @@ def dry_run(p: Prepared) -> dict:
     summary = {"dry_run": True, "method": cfg.lorasb.method, "world_size": layout.world_size,
                "micro_batch": layout.micro_batch, "grad_accum": layout.grad_accum,
                "global_batch": layout.global_batch, "samples": len(p.examples), "truncated": p.truncated,
+               "eval_samples": len(p.eval_examples),
                "steps": p.schedule.total_steps, "warmup_steps": p.schedule.warmup_steps,
                "lr_eff": p.schedule.lr_eff, "init_file": cfg.train.init_file, "resume_from": p.resume_from}
     text = json.dumps(summary, indent=2)

@@ -1,4 +1,6 @@
-"""The run's metrics: ``metrics.jsonl`` (one JSON record per line) and TensorBoard, written by rank 0."""
+"""The run's metrics: ``metrics.jsonl`` (one JSON record per line) and DeepSpeed's monitors (TensorBoard,
+CSV, W&B, Comet: whichever the ds_config enables), written by rank 0. One x axis everywhere: the
+optimizer step (DeepSpeed's own ``Train/Samples/*`` series count samples)."""
 
 from __future__ import annotations
 
@@ -19,6 +21,8 @@ class Logger:
     def __init__(self, engine, output_dir: str, rank: int, resume_step: int | None = None):
         self.engine, self.rank = engine, rank
         self.file = None
+        self.last_loss = None
+        """The training loss of the last logged step (every rank: it is averaged over them)."""
         if rank != 0:
             return
         path = os.path.join(output_dir, "metrics.jsonl")
@@ -32,17 +36,20 @@ class Logger:
             from tensorboard.compat.proto.event_pb2 import Event, SessionLog
 
             # TensorBoard keeps the points before this step, of every file in the folder, and drops the rest
-            writer.file_writer.add_event(Event(step=engine.global_samples + 1,
+            writer.file_writer.add_event(Event(step=resume_step + 1,
                                                session_log=SessionLog(status=SessionLog.START)))
 
     def log(self, record: dict, tb: dict[str, float] | None = None) -> None:
+        """``record`` to metrics.jsonl; the scalars ``tb`` to the monitors at the record's step (0 if none)."""
+        if "loss" in record:
+            self.last_loss = record["loss"]
         if self.rank != 0:
             return
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         if tb:
-            samples = self.engine.global_samples
-            self.engine.monitor.write_events([(tag, value, samples) for tag, value in tb.items()])
+            step = record.get("step", 0)
+            self.engine.monitor.write_events([(tag, value, step) for tag, value in tb.items()])
 
     def close(self) -> None:
         if self.file:

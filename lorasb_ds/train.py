@@ -26,7 +26,7 @@ from tqdm import tqdm
 from . import checkpoint
 from .checkpoint import EXIT_PREEMPTED, Position, PreemptionFlag, run_identity
 from .config import RunConfig, resolve_batch_layout
-from .data import collate, train_batches
+from .data import IGNORE_INDEX, collate, eval_batches, train_batches
 from .dist import any_rank
 from .estimate import assign_owners, layer_shapes
 from .export import INIT_FILE_NAME, save_adapter
@@ -128,6 +128,8 @@ def run(cfg: RunConfig, ds_config: dict, dry: bool = False) -> dict:
         "estimation_seconds": init_meta.get("estimation_seconds") if estimated_by_this_run else None,
         "resumed_from": prepared.resume_from, "resumed_at_step": start_step if prepared.resume_from else None,
         "init_id": init_meta.get("init_id"), "lr_eff": init_meta.get("lr_eff"),
+        "final_loss": logger.last_loss, "stopped_early": position.step < prepared.schedule.total_steps,
+        "best_eval_loss": position.best_eval_loss,
         "trainable_parameters": s.counts.trainable, "frozen_adapter_parameters": s.counts.adapter_frozen,
         "base_parameters": s.counts.base, "truncated_samples": prepared.truncated,
     }
@@ -233,6 +235,11 @@ def train_loop(s: Session, logger: Logger, position: Position | None = None,
                 bar.set_postfix(loss=f"{record['loss']:.4f}")
                 logger.log(record, tb={f"Train/{k}": v for k, v in record.items() if k != "step"})
 
+            # ---- validate on the held-out set; its loss is the same on every rank, so is early stopping
+            if p.eval_examples and (last or (t.eval_every and pos.step % t.eval_every == 0)):
+                validate(s, pos, logger)
+                last = last or bool(t.early_stopping_patience and pos.evals_since_best >= t.early_stopping_patience)
+
             # ---- agree on stopping (a signal) or failing (NaN), then checkpoint if due
             finite = bool(torch.isfinite(torch.stack(losses)).all())
             losses = []
@@ -254,6 +261,42 @@ def train_loop(s: Session, logger: Logger, position: Position | None = None,
     return pos, False
 
 
+def validate(s: Session, pos: Position, logger: Logger) -> None:
+    """The validation loss at this step: logged, and the best one and the validations since it kept in
+    ``pos`` (so a resumed run stops early at the same step). Collective."""
+    loss = validation_loss(s)
+    if pos.best_eval_loss is None or loss < pos.best_eval_loss:
+        pos.best_eval_loss, pos.evals_since_best = loss, 0
+    else:
+        pos.evals_since_best += 1
+    if s.rank == 0:
+        tqdm.write(f"[lorasb] step {pos.step}: validation loss {loss:.4f} (best {pos.best_eval_loss:.4f})")
+    logger.log({"event": "eval", "step": pos.step, "eval_loss": loss, "best_eval_loss": pos.best_eval_loss,
+                "evals_since_best": pos.evals_since_best}, tb={"Eval/loss": loss})
+
+
+@torch.no_grad()
+def validation_loss(s: Session) -> float:
+    """Mean loss per target token over the held-out set (per example for a classifier), over all ranks.
+
+    Collective: every rank runs the same number of forward passes (a rank short of examples repeats
+    example 0 at weight 0), as ZeRO-3 gathers the weights in each."""
+    p = s.prepared
+    s.engine.eval()  # no dropout
+    total = torch.zeros(2, dtype=torch.float64)
+    for idx in eval_batches(len(p.eval_examples), p.layout.micro_batch, s.rank, s.world):
+        batch = collate([p.eval_examples[k] for k in idx or [0]], p.tokenizer.pad_token_id)
+        loss = s.engine(**{k: v.to(s.device) for k, v in batch.items()}).loss
+        labels = batch["labels"]  # the loss is a mean over target tokens (labels shifted by one) or examples
+        count = len(labels) if labels.dim() == 1 else int((labels[:, 1:] != IGNORE_INDEX).sum())
+        weight = count if idx else 0
+        total += torch.tensor([float(loss) * weight, weight], dtype=torch.float64)
+    total = total.to(s.device)
+    dist.all_reduce(total)
+    s.engine.train()
+    return float(total[0] / total[1])
+
+
 def finish(s: Session, init_path: str, init_meta: dict, summary: dict) -> None:
     """Write the adapter (the trained tensors' fp32 masters + the init file) and the run summary.
     Collective: every rank gathers; rank 0 writes."""
@@ -267,7 +310,12 @@ def finish(s: Session, init_path: str, init_meta: dict, summary: dict) -> None:
     if s.rank == 0:
         out_dir = s.prepared.cfg.train.output_dir
         adapter_dir = os.path.join(out_dir, "adapter")
-        save_adapter(adapter_dir, final, init_path, dict(init_meta, modules_to_save=s.modules_to_save))
+        data = s.prepared.cfg.data
+        training = {"data": f"{data.path or 'built-in arithmetic problems'} ({data.format}, {len(s.prepared.examples)} "
+                            f"samples)", **{k: summary[k] for k in ("steps", "global_batch", "trainable_parameters",
+                                                                     "final_loss", "best_eval_loss", "stopped_early")}}
+        save_adapter(adapter_dir, final, init_path, dict(init_meta, modules_to_save=s.modules_to_save,
+                                                         training=training))
         with open(os.path.join(out_dir, "run_summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
         print(f"[lorasb] adapter written to {adapter_dir}")

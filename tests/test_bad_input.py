@@ -227,3 +227,25 @@ def test_resume_auto_without_a_checkpoint_says_it_starts_anew(tmp_path, capsys):
     out = tmp_path / "never-ran"
     assert main(["train", "--ds_config", ZERO3, "--dry_run", "--resume", "auto", "--output_dir", str(out)]) == 0
     assert f"[lorasb] --resume auto: no complete checkpoint in {out}; starting a new run" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["train.eval_every=5"], "train.eval_every needs a held-out set: set data.eval_path, data.eval_split or "
+                             "data.eval_fraction"),
+    (["train.early_stopping_patience=2", "data.eval_fraction=0.1"],
+     "train.early_stopping_patience counts validations: set train.eval_every"),
+    (["data.eval_fraction=0.1", "data.eval_split=validation"], "set one of them"),
+    (["data.eval_fraction=1.5"], "data.eval_fraction must be in [0, 1), got 1.5"),
+    (["train.eval_every=-1"], "train.eval_every must be >= 0"),
+    (["data.eval_split=validation"], "data.eval_split applies to a directory or hub dataset in data.path"),
+    (["data.eval_path=/no/such/rows.jsonl"], "data.eval_path: no such file or directory '/no/such/rows.jsonl'"),
+    (["data.eval_fraction=0.999", "data.builtin_size=20"], "data.eval_fraction = 0.999 of 20 rows leaves none"),
+])
+def test_bad_validation_settings(tmp_path, capsys, overrides, needle):
+    assert needle in fails(capsys, *overrides, out=tmp_path / "o")
+
+
+def test_held_out_rows_in_another_format_are_named_by_their_setting(tmp_path, capsys):
+    rows = write(tmp_path / "eval.jsonl", '{"question": "1+1?", "answer": "2"}\n')
+    err = fails(capsys, f"data.eval_path={rows}", out=tmp_path / "o")
+    assert err.startswith("data.eval_path: ") and "no column 'query'" in err

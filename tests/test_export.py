@@ -115,7 +115,7 @@ def test_peft_round_trip(setup, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out = tmp_path / "peft"
     export_peft(setup["adapter"], str(out), base_model=setup["base"])
-    assert sorted(os.listdir(out)) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(os.listdir(out)) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
 
     config = json.loads((out / "adapter_config.json").read_text())
     expected = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": R, "lora_alpha": R, "lora_dropout": 0.0,
@@ -139,10 +139,39 @@ def test_peft_round_trip(setup, tmp_path, monkeypatch):
     assert diff <= TOL
 
 
-def test_export_defaults_to_training_model_name(setup, tmp_path):
+def test_export_of_the_builtin_model_names_a_base_that_resolves(setup, tmp_path, monkeypatch):
+    """Without --base_model the training model is recorded as from_pretrained can load it: for the
+    built-in Llama, the checkpoint the package ships; AutoPeftModelForCausalLM then needs nothing else."""
+    from peft import AutoPeftModelForCausalLM
+
+    from lorasb_ds.modeling import TINY_LLAMA_DIR
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert cli_main(["export", "--adapter", setup["adapter"], "--out", str(tmp_path / "p")]) == 0
     config = json.loads((tmp_path / "p" / "adapter_config.json").read_text())
-    assert config["base_model_name_or_path"] == "builtin:tiny-llama"
+    assert config["base_model_name_or_path"] == TINY_LLAMA_DIR
+    model = AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "p"), dtype=torch.float32)
+    assert max_diff(logits(model, setup["ids"]), setup["lorasb_logits"]) <= TOL
+    card = (tmp_path / "p" / "README.md").read_text()
+    assert f"- rank r: {R}" in card and f"- base model: {TINY_LLAMA_DIR}" in card
+    assert "AutoPeftModelForCausalLM.from_pretrained(" in card and "--max-lora-rank 8" in card
+
+
+def test_model_card_states_the_training_and_the_vllm_rank():
+    from lorasb_ds.export import model_card
+
+    meta = {"method": "lorasb", "model": "HuggingFaceTB/SmolLM2-135M-Instruct", "r": 96, "task": "causal_lm",
+            "target_modules": ["q_proj", "v_proj"],
+            "training": {"data": "data/word_problems/train.jsonl (metamath, 1500 samples)", "steps": 40,
+                         "global_batch": 8, "trainable_parameters": 1935360, "final_loss": 0.0801,
+                         "best_eval_loss": 0.1234, "stopped_early": False}}
+    card = model_card(meta, {"base_model_name_or_path": meta["model"]}, "/tmp/peft")
+    for line in ("- method: LoRA-SB (arXiv 2411.19557)", "- rank r: 96", "- trained numbers: 1,935,360",
+                 "- data: data/word_problems/train.jsonl (metamath, 1500 samples)", "- optimizer steps: 40",
+                 "- final training loss: 0.0801", "- best validation loss: 0.1234",
+                 "`--enable-lora --max-lora-rank 128`"):
+        assert line in card, line
+    assert "above every value it accepts" in model_card(dict(meta, r=600), {"base_model_name_or_path": "m"}, "/o")
 
 
 # --------------------------------------------------------------------------- merge
@@ -332,3 +361,20 @@ def test_wrong_base_model_shape(setup, tmp_path):
     other.save_pretrained(tmp_path / "other")
     with pytest.raises(ConfigError, match="--base_model .*the adapter expects"):
         merge_checkpoint(str(tmp_path / "other"), setup["adapter"], str(tmp_path / "merged"))
+
+
+def test_the_builtin_classifier_is_saved_beside_its_export(tmp_path):
+    """The built-in RoBERTa is built from code: its export gets a copy (with the trained head's size)
+    that AutoModelForSequenceClassification loads as the same model."""
+    from transformers import AutoModelForSequenceClassification
+
+    from lorasb_ds.export import resolvable_base_model
+    from lorasb_ds.modeling import tiny_roberta
+
+    path = resolvable_base_model({"model": "builtin:tiny-roberta"},
+                                 {"classifier.out_proj.weight": torch.zeros(3, 64)}, str(tmp_path))
+    assert path == str(tmp_path / "base_model")
+    loaded = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32)
+    reference = tiny_roberta(3)
+    assert loaded.config.num_labels == 3
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), reference.state_dict().values()))

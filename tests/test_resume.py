@@ -124,9 +124,8 @@ def assert_one_history(out, latest, resumed_from):
     assert [r["start_step"] for r in records if r.get("event") == "init"] == [0, resumed_from]
     acc = EventAccumulator(str(out / "tensorboard" / "lorasb")).Reload()
     assert len(list((out / "tensorboard" / "lorasb").iterdir())) >= 3  # the killed run's files, the resumed one's
-    samples = [e.step for e in acc.Scalars("Train/loss")]
     assert 99.0 not in [e.value for e in acc.Scalars("Train/loss")]
-    assert len(samples) == STEPS and len(set(samples)) == STEPS and samples == sorted(samples)
+    assert [e.step for e in acc.Scalars("Train/loss")] == list(range(1, STEPS + 1))  # the optimizer-step axis
     summary = json.load(open(out / "run_summary.json"))
     assert summary["estimated"] is True and summary["estimation_seconds"] > 0
     assert summary["resumed_from"] == latest and summary["resumed_at_step"] == resumed_from
