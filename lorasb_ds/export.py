@@ -39,6 +39,7 @@ from safetensors.torch import save_file
 from .config import ConfigError
 from .files import atomic_save_file, atomic_write_text, give_default_mode
 from .init import INIT_FORMAT
+from .layer import merged_weight
 from .methods import METHODS
 from .zero3_loading import INDEX_FILE, SINGLE_FILE, safetensors_files
 
@@ -411,14 +412,6 @@ def merge_shard(src: str, dst: str, updates: Adapter, replacements: dict[str, to
             tensors[key] = t.to(tensors[key].dtype)
         save_file(tensors, dst, metadata=metadata)
         del tensors
-
-
-def merged_weight(W0: torch.Tensor, B: torch.Tensor, A: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
-    """``W0 + B R A`` (out x in) from W0 (out x in), B (out x r), A (r x in), R (r x r); fp32 math,
-    result in W0's dtype."""
-    merged = B.float() @ (R.float() @ A.float())  # (out x r) @ (r x in): the only (out x in) temporary
-    merged += W0  # in place, promoted to fp32
-    return merged.to(W0.dtype)
 
 
 def _copy_other_files(src_dir: str, dst_dir: str, skip: set[str]) -> None:

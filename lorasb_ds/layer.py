@@ -91,19 +91,25 @@ def shape_of(linear: nn.Linear) -> tuple[int, int]:
     return int(shape[0]), int(shape[1])
 
 
+def merged_weight(W0: torch.Tensor, B: torch.Tensor, A: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+    """``W0 + B R A`` (out x in) from W0 (out x in), B (out x r), A (r x in), R (r x r): the one merge
+    formula (``merge``/``unmerge`` here, the shard-wise merge of ``export.py``). The math is fp32 at
+    least (fp64 kept); the result has W0's dtype."""
+    dtype = torch.promote_types(B.dtype, torch.float32)
+    merged = B.to(dtype) @ (R.to(dtype) @ A.to(dtype))  # (out x r) @ (r x in): the only (out x in) temporary
+    merged += W0  # in place, promoted
+    return merged.to(W0.dtype)
+
+
 @torch.no_grad()
 def merge(layer: LoRASBLinear, R: torch.Tensor | None = None) -> None:
     """``W0 <- W0 + s B R A`` in place (unpartitioned weights only: gather first under ZeRO-3)."""
-    _add_to_base(layer, layer.delta_weight(R))
+    R = layer.lora_R if R is None else R
+    layer.base.weight.copy_(merged_weight(layer.base.weight, layer.lora_B, layer.lora_A, R))
 
 
 @torch.no_grad()
 def unmerge(layer: LoRASBLinear, R: torch.Tensor | None = None) -> None:
     """Inverse of ``merge``: ``W0 <- W0 - s B R A``."""
-    _add_to_base(layer, -layer.delta_weight(R))
-
-
-@torch.no_grad()
-def _add_to_base(layer: LoRASBLinear, delta: torch.Tensor) -> None:
-    w = layer.base.weight
-    w.copy_((w.to(delta.dtype) + delta).to(w.dtype))
+    R = layer.lora_R if R is None else R
+    layer.base.weight.copy_(merged_weight(layer.base.weight, layer.lora_B, layer.lora_A, -R))
