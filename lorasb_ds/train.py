@@ -30,6 +30,7 @@ from .data import IGNORE_INDEX, collate, eval_batches, train_batches
 from .dist import any_rank
 from .estimate import assign_owners, layer_shapes
 from .export import INIT_FILE_NAME, save_adapter
+from .files import atomic_write_text
 from .init import apply_inits, init_adapters, load_init_file
 from .layer import LoRASBLinear
 from .methods import METHODS
@@ -154,8 +155,8 @@ def build(p: Prepared) -> Session:
     layout, schedule = p.layout, p.schedule
     os.makedirs(cfg.train.output_dir, exist_ok=True)  # on every rank: nodes need not share a filesystem
     if rank == 0:
-        with open(os.path.join(cfg.train.output_dir, "run_config.json"), "w") as f:
-            json.dump({"run": cfg.to_dict(), "deepspeed": ds_config}, f, indent=2)
+        atomic_write_text(json.dumps({"run": cfg.to_dict(), "deepspeed": ds_config}, indent=2),
+                          os.path.join(cfg.train.output_dir, "run_config.json"))
     deepspeed.runtime.utils.set_random_seed(cfg.train.seed)
 
     # ---- model, surgery, engine (the optimizer sees the trained tensors only: LoRA-SB's R matrices)
@@ -316,8 +317,7 @@ def finish(s: Session, init_path: str, init_meta: dict, summary: dict) -> None:
                                                                      "final_loss", "best_eval_loss", "stopped_early")}}
         save_adapter(adapter_dir, final, init_path, dict(init_meta, modules_to_save=s.modules_to_save,
                                                          training=training))
-        with open(os.path.join(out_dir, "run_summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
+        atomic_write_text(json.dumps(summary, indent=2), os.path.join(out_dir, "run_summary.json"))
         print(f"[lorasb] adapter written to {adapter_dir}")
 
 
