@@ -38,11 +38,11 @@ class Parser(argparse.ArgumentParser):
 
 
 def say_once(text: str) -> None:
-    """``text`` to stderr by the first rank of the launch to hit it (see ``dist.first_to_say``)."""
-    from .dist import first_to_say
+    """``text`` to stderr, once per launch (``dist.say_once``; imported here only when needed, so the
+    parser loads no torch)."""
+    from .dist import say_once as say
 
-    if first_to_say(text):
-        print(text, file=sys.stderr, flush=True)
+    say(text, sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:

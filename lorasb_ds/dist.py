@@ -54,6 +54,7 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -211,6 +212,12 @@ def first_to_say(text: str) -> bool:
         return False
     except OSError:
         return True  # no temp folder to agree through: every rank says it
+
+
+def say_once(text: str, file=None) -> None:
+    """Print ``text`` (to ``file``, default stdout) once per launch: by the first process to say it."""
+    if first_to_say(text):
+        print(text, file=file or sys.stdout, flush=True)
 
 
 # ------------------------------------------------------------------- torchrun / deepspeed runner

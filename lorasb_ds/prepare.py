@@ -16,6 +16,7 @@ import torch
 from .checkpoint import check_output_dir, resume_point
 from .config import BatchLayout, ConfigError, RunConfig, check_precision, precision, resolve_batch_layout
 from .data import describe_truncation, estimation_indices, fingerprint, load_rows, split_held_out, tokenize_rows
+from .dist import say_once, world_size_from_env  # say_once: every rank prepares the same run
 from .estimate import assign_owners, estimation_groups, max_accum_bytes
 from .export import INIT_FILE_NAME
 from .init import check_init_metadata, init_metadata, read_init_metadata
@@ -57,12 +58,10 @@ def prepare(cfg: RunConfig, ds_config: dict) -> Prepared:
     (given, or the run's own when it resumes)."""
     from deepspeed.accelerator import get_accelerator
 
-    from .dist import world_size_from_env
-
     check_output_dir(cfg)
     resume_from, marker = resume_point(cfg)
-    if cfg.train.resume and os.environ.get("RANK", "0") == "0":  # say what --resume found, either way
-        print(f"[lorasb] --resume {cfg.train.resume}: " + (
+    if cfg.train.resume:  # say what --resume found, either way
+        say_once(f"[lorasb] --resume {cfg.train.resume}: " + (
             f"continuing from {resume_from} (step {marker['step']})" if marker is not None else
             f"no complete checkpoint in {cfg.train.output_dir}; starting a new run"))
     init_file = cfg.train.init_file
@@ -79,10 +78,9 @@ def prepare(cfg: RunConfig, ds_config: dict) -> Prepared:
     rows, eval_rows = split_held_out(load_rows(cfg.data, cfg.train.seed), cfg.data, cfg.train.seed)
     examples, truncated = tokenize_rows(rows, tokenizer, cfg.data)
     eval_examples = tokenize_rows(eval_rows, tokenizer, cfg.data)[0] if eval_rows is not None else []
-    if os.environ.get("RANK", "0") == "0":
-        print(f"[lorasb] data: {describe_truncation(truncated, cfg.data.max_length, len(rows), len(examples))}"
-              + (f"; {len(eval_examples)} held out for validation ({cfg.data.held_out()})" if eval_rows is not None
-                 else ""))
+    say_once(f"[lorasb] data: {describe_truncation(truncated, cfg.data.max_length, len(rows), len(examples))}"
+             + (f"; {len(eval_examples)} held out for validation ({cfg.data.held_out()})" if eval_rows is not None
+                else ""))
     schedule = make_schedule(cfg, len(examples), layout.micro_batch, layout.grad_accum, layout.world_size)
     data_fingerprint = None  # of the estimation data: needed to estimate, or to check a resume
     if METHODS[cfg.lorasb.method].estimates and (not init_file or cfg.train.resume):
@@ -126,7 +124,6 @@ def check_targets_without_weights(cfg: RunConfig, world: int) -> None:
 
 def dry_run(p: Prepared) -> dict:
     """Print what a run would do (layout, steps, memory per rank) after every check; start nothing."""
-    from .dist import first_to_say
     from .plan import format_plan, plan_memory
 
     cfg, layout = p.cfg, p.layout
@@ -150,6 +147,5 @@ def dry_run(p: Prepared) -> dict:
                                  bool(zero.get("offload_param")), cfg.model.gradient_checkpointing,
                                  cfg.lorasb.est_micro_batch, **buckets, est_max_accum_gb=cfg.lorasb.est_max_accum_gb)
         text += "\n" + format_plan(layer_plan)
-    if first_to_say(text):  # every rank computed the same plan: print it once
-        print(text, flush=True)
+    say_once(text)  # every rank computed the same plan
     return summary

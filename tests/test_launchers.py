@@ -138,6 +138,7 @@ def test_mpirun_gives_the_same_adapter(reference, tmp_path):
     proc = run(mpirun_cmd("launch/train.py", *RUN, "--output_dir", str(tmp_path)))
     check_run(tmp_path, proc.stdout, "mpi")
     assert "master=127.0.0.1:" in proc.stdout  # one host: loopback, not `hostname -I`
+    assert proc.stdout.count("[lorasb] data: ") == 1  # no rank number before the group starts: said once
     assert_same_adapter(tmp_path, reference, "mpirun")
 
 
