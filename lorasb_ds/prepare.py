@@ -97,10 +97,11 @@ def prepare(cfg: RunConfig, ds_config: dict) -> Prepared:
         if cfg.train.resume and estimated_here and meta.get("data_fingerprint") != data_fingerprint:
             raise ConfigError(f"--resume: the estimation data differ from those that made {init_file} "
                               "(the data file changed?); resume with the original data or start a new run")
-    tb = ds_config.get("tensorboard")
-    if tb and tb.get("enabled") and not tb.get("output_path"):
-        output_path = os.path.join(cfg.train.output_dir, "tensorboard")
-        ds_config = dict(ds_config, tensorboard=dict(tb, output_path=output_path))
+    for monitor, folder in (("tensorboard", "tensorboard"), ("csv_monitor", "csv")):  # in the run's folder
+        section = ds_config.get(monitor)
+        if section and section.get("enabled") and not section.get("output_path"):
+            ds_config = dict(ds_config, **{monitor: dict(section, output_path=os.path.join(cfg.train.output_dir,
+                                                                                           folder))})
     return Prepared(cfg=cfg, ds_config=ds_config, layout=layout, tokenizer=tokenizer, examples=examples,
                     eval_examples=eval_examples, truncated=truncated, schedule=schedule, data_fingerprint=data_fingerprint,
                     resume_from=resume_from, marker=marker)
