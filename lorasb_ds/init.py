@@ -38,7 +38,7 @@ from safetensors import SafetensorError, safe_open
 
 from .config import ConfigError, LoraSBConfig, RunConfig
 from .estimate import (EstimationStats, check_finite, estimate_gradients, estimation_groups, layer_shapes,
-                       max_accum_bytes, weighted_estimation_batches)
+                       max_accum_bytes)
 from .files import atomic_save_file
 from .layer import LoRASBLinear
 from .methods import METHODS
@@ -218,10 +218,13 @@ def apply_inits(layers: dict[str, LoRASBLinear], inits: dict[str, LayerInit]) ->
 
 
 def init_adapters(cfg: RunConfig, model: torch.nn.Module, layers: dict[str, LoRASBLinear], owners: dict[str, int],
-                  examples: list[dict], pad_token_id: int, lr_eff: float, data_fingerprint: str | None,
-                  init_path: str, device: torch.device) -> tuple[dict[str, LayerInit], dict, EstimationStats | None]:
-    """Initial B, A, R of every layer as ``lorasb.method`` says; rank 0 writes them to ``init_path``.
-    Collective: every rank calls it with the same arguments and ends with every module's init.
+                  batches: list[tuple[dict[str, torch.Tensor], float]], lr_eff: float, data_fingerprint: str | None,
+                  init_path: str | None, device: torch.device
+                  ) -> tuple[dict[str, LayerInit], dict, EstimationStats | None]:
+    """Initial B, A, R of every layer as ``lorasb.method`` says; rank 0 writes them to ``init_path``
+    (None: no file). Collective: every rank calls it with its own ``batches`` (the estimation's
+    ``(batch, weight)`` micro-batches, as many on every rank; weights summing to 1 over all ranks) and
+    the same other arguments, and ends with every module's init.
 
     Each module's owner computes its init (``lorasb``: estimation pass, then the SVD of the update;
     ``loraxs``: the SVD of W0, gathered on every rank in turn; ``lora``: seeded), then every init is
@@ -237,8 +240,6 @@ def init_adapters(cfg: RunConfig, model: torch.nn.Module, layers: dict[str, LoRA
     local: dict[str, LayerInit] = {}
     init_seconds = 0.0
     if method.estimates:  # group by group: estimate G (collective), then the owners' SVDs free it
-        batches = weighted_estimation_batches(examples, cfg.lorasb.est_samples, cfg.lorasb.est_micro_batch,
-                                              rank, dist.get_world_size(), cfg.train.seed, pad_token_id)
         for group in estimation_groups(layer_shapes(layers), owners, max_accum_bytes(cfg.lorasb)):
             grads, group_stats = estimate_gradients(model, {name: layers[name] for name in group}, batches,
                                                     owners, device)
@@ -272,8 +273,9 @@ def init_adapters(cfg: RunConfig, model: torch.nn.Module, layers: dict[str, LoRA
                     svd_tol=cfg.lorasb.svd_tol, svd_max_iter=cfg.lorasb.svd_max_iter)
     if method.alpha_scaled:
         meta.update(lora_alpha=cfg.lorasb.lora_alpha if cfg.lorasb.lora_alpha is not None else 2 * cfg.lorasb.r)
-    if rank == 0:
+    if rank == 0 and init_path is not None:
         save_init_file(init_path, inits, meta)
+    if rank == 0:
         if stats is not None:
             passes = f" ({stats.passes} passes)" if stats.passes > 1 else ""
             print(f"[lorasb] estimation: {stats.micro_batches_per_rank} micro-batches per rank{passes} in "

@@ -28,7 +28,7 @@ from .checkpoint import EXIT_PREEMPTED, Position, PreemptionFlag, run_identity
 from .config import RunConfig, resolve_batch_layout
 from .data import IGNORE_INDEX, collate, eval_batches, train_batches
 from .dist import any_rank
-from .estimate import assign_owners, layer_shapes
+from .estimate import assign_owners, layer_shapes, weighted_estimation_batches
 from .export import INIT_FILE_NAME, save_adapter
 from .files import atomic_write_text
 from .init import apply_inits, init_adapters, load_init_file
@@ -84,9 +84,12 @@ def run(cfg: RunConfig, ds_config: dict, dry: bool = False) -> dict:
         inits, init_meta = load_init_file(init_path, s.layers)  # checked in prepare()
     else:
         init_path = os.path.join(out_dir, INIT_FILE_NAME)
-        inits, init_meta, est_stats = init_adapters(cfg, s.engine.module, s.layers, s.owners, prepared.examples,
-                                                    prepared.tokenizer.pad_token_id, prepared.schedule.lr_eff,
-                                                    prepared.data_fingerprint, init_path, s.device)
+        batches = [] if not METHODS[cfg.lorasb.method].estimates else weighted_estimation_batches(
+            prepared.examples, cfg.lorasb.est_samples, cfg.lorasb.est_micro_batch, s.rank, s.world, cfg.train.seed,
+            prepared.tokenizer.pad_token_id)
+        inits, init_meta, est_stats = init_adapters(cfg, s.engine.module, s.layers, s.owners, batches,
+                                                    prepared.schedule.lr_eff, prepared.data_fingerprint, init_path,
+                                                    s.device)
     apply_inits(s.layers, inits)
     position = Position()
     if prepared.resume_from:
