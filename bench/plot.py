@@ -16,9 +16,9 @@ import statistics
 import sys
 
 COLORS = {"base": "tab:green", "lorasb": "tab:red", "loraxs": "tab:orange", "lora": "tab:blue", "full": "tab:gray",
-          "lorasb_lr_eff": "tab:purple"}
+          "lorasb_lr_eff": "tab:purple", "lorasb_svd": "tab:pink"}
 LABELS = {"base": "base, zero-shot", "lorasb": "LoRA-SB", "loraxs": "LoRA-XS", "lora": "LoRA", "full": "full FT",
-          "lorasb_lr_eff": "LoRA-SB, lr_eff 1e-4"}
+          "lorasb_lr_eff": "LoRA-SB, lr_eff 1e-4", "lorasb_svd": "LoRA-SB, conv. SVD"}
 MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -65,7 +65,7 @@ def plot(data: dict, out: str) -> str:
                 mean, std = _stats(rows[m][kind])
                 ax2.bar(i + (j - 0.5) * 0.38, mean, width=0.38, yerr=std, color=COLORS[m], hatch=hatch,
                         alpha=0.9 if kind == "strict" else 0.5, capsize=3)
-    ax2.set_xticks(range(len(scored)), [LABELS[m] for m in scored], fontsize=8, rotation=15)
+    ax2.set_xticks(range(len(scored)), [LABELS[m].replace(", ", ",\n") for m in scored], fontsize=8, rotation=15)
     ax2.set_ylabel("strict accuracy % (plain: test; hatched: test_seen)")
     ax2.set_title("(b) held-out accuracy, mean ± std over seeds")
     ax2.grid(alpha=0.3, axis="y")

@@ -63,13 +63,19 @@ METHODS = ("lorasb", "lora", "loraxs", "full")  # the default study, in its orde
 # Rows beyond the default study (--methods names them): row -> (lorasb.method, extra run-config overrides).
 # lorasb_lr_eff: LoRA-SB with its first step set apart from R's learning rate, at the scale where the
 # step-0 loss is lowest on training examples (bench/init_scale.py: 1e-4 on SmolLM2).
-VARIANTS = {"lorasb_lr_eff": ("lorasb", ["lorasb.lr_eff=1e-4"])}
+# lorasb_svd: the LoRA-SB row with the converged SVD instead of the randomized one, at the lr that row
+# chose: one change at a time (lorasb_lr_eff changed both).
+VARIANTS = {"lorasb_lr_eff": ("lorasb", ["lorasb.lr_eff=1e-4", "lorasb.svd=converged"]),
+            "lorasb_svd": ("lorasb", ["lorasb.svd=converged"])}
+# The SVD each default row's cached runs were made with (the randomized one was the default then).
+ROW_OVERRIDES = {"lorasb": ["lorasb.svd=randomized"], "loraxs": ["lorasb.svd=randomized"]}
 ROWS = (*METHODS, *VARIANTS)
 LABELS = {"base": "base model, zero-shot", "lorasb": "LoRA-SB", "loraxs": "LoRA-XS", "lora": "LoRA",
-          "full": "full fine-tuning", "lorasb_lr_eff": "LoRA-SB, lr_eff 1e-4"}
-RANKS = {"lorasb": 96, "loraxs": 96, "lora": 32, "full": 0, "lorasb_lr_eff": 96}
+          "full": "full fine-tuning", "lorasb_lr_eff": "LoRA-SB, lr_eff 1e-4",
+          "lorasb_svd": "LoRA-SB, converged SVD"}
+RANKS = {"lorasb": 96, "loraxs": 96, "lora": 32, "full": 0, "lorasb_lr_eff": 96, "lorasb_svd": 96}
 SWEEP_LR = {"lorasb": [1e-3, 3e-3, 1e-2], "loraxs": [1e-3, 3e-3, 1e-2], "lora": [3e-4, 1e-3, 3e-3],
-            "full": [1e-5, 3e-5, 1e-4], "lorasb_lr_eff": [1e-3, 3e-3, 1e-2]}
+            "full": [1e-5, 3e-5, 1e-4], "lorasb_lr_eff": [1e-3, 3e-3, 1e-2], "lorasb_svd": [1e-3]}
 DEFAULT_MODEL = os.path.join(REPO, "models", "smollm2-135m-instruct")
 DATA_DIR = os.path.join(REPO, "data", "word_problems")
 RUN_CONFIG = os.path.join(REPO, "bench", "quality.yaml")
@@ -217,7 +223,7 @@ class Study:
             return {"name": name, "method": method, "lr": lr, "seed": seed, "status": "pending", "curve": []}
         a = self.args
         out = rel(os.path.join(a.workdir, "runs", name))
-        lorasb_method, extra = VARIANTS.get(method, (method, []))
+        lorasb_method, extra = VARIANTS.get(method, (method, ROW_OVERRIDES.get(method, [])))
         overrides = [f"model.name_or_path={self.model}", f"lorasb.method={lorasb_method}", f"train.lr={lr:g}",
                      f"train.seed={seed}", f"train.max_steps={a.steps}", f"data.path={self.split['train']}"]
         if RANKS[method]:
