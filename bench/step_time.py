@@ -7,7 +7,8 @@
 Variants, each in a fresh ``torchrun`` process group with the same DeepSpeed config and batch:
 
 * ``lorasb``: ``surgery.wrap_targets`` on q,k,v,o,gate,up,down; B, A random orthonormal and R nonzero
-  through ``init.apply_inits``; the optimizer holds the R matrices only.
+  through ``init.apply_inits``; the optimizer holds the R matrices only. q/k/v and gate/up share their
+  A-projection (``lorasb.fuse_projections``); ``lorasb-unfused`` (``--unfused``) is the same without.
 * ``peft_rN``: ``peft.get_peft_model`` with ``LoraConfig(r=N)`` on the same targets.
 * ``full``: every parameter trained.
 * ``floor``: frozen model, forward + backward down to the embeddings with no adapter: what any
@@ -39,12 +40,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lorasb_rank", type=int, default=96)
     p.add_argument("--peft_ranks", default="32,96", help="comma-separated LoRA ranks")
     p.add_argument("--variants", default=None, help="comma-separated subset (default: all)")
+    p.add_argument("--unfused", action="store_true", help="also LoRA-SB without the fused A-projections")
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table of one step per variant")
     return common.resolve(p.parse_args(argv))
 
 
 def variants(args) -> list[str]:
-    names = [f"lorasb_r{args.lorasb_rank}"] + [f"peft_r{r}" for r in args.peft_ranks.split(",")] + ["full", "floor"]
+    names = [f"lorasb_r{args.lorasb_rank}"] + ([f"lorasb-unfused_r{args.lorasb_rank}"] if args.unfused else []) \
+        + [f"peft_r{r}" for r in args.peft_ranks.split(",")] + ["full", "floor"]
     if args.variants:
         wanted = args.variants.split(",")
         names = [n for n in names if n in wanted or n.split("_r")[0] in wanted]
@@ -80,7 +83,8 @@ def flops_per_token(args, variant: str) -> float:
     if variant in ("floor", "full"):
         return floor + (2 * weights if variant == "full" else 0)
     kind, r = variant.split("_r")[0], int(variant.split("_r")[1])
-    per_target = (lambda a, b: 4 * r * (a + b) + 6 * r * r) if kind == "lorasb" else (lambda a, b: 6 * r * (a + b))
+    per_target = (lambda a, b: 4 * r * (a + b) + 6 * r * r) if kind.startswith("lorasb") else \
+        (lambda a, b: 6 * r * (a + b))
     skipped = sum(2 * fan_in * (fan_out + r) for name, (fan_in, fan_out) in shapes.items()
                   if name in ("q_proj", "k_proj", "v_proj"))
     return floor + args.layers * sum(per_target(a, b) for a, b in shapes.values()) - skipped
@@ -98,8 +102,8 @@ def worker(args, variant: str) -> dict:
     model = common.build_model(args, ds)
     kind, r = variant.split("_r")[0], int(variant.split("_r")[1]) if "_r" in variant else 0
     layers = {}
-    if kind == "lorasb":
-        layers = wrap_targets(model, common.TARGETS, r)
+    if kind.startswith("lorasb"):
+        layers = wrap_targets(model, common.TARGETS, r, fuse=kind == "lorasb")
         params = [layer.lora_R for layer in layers.values()]
     elif kind == "peft":
         from peft import LoraConfig, get_peft_model

@@ -32,7 +32,7 @@ def wrap(model: torch.nn.Module, cfg: LoraSBConfig | None = None) -> dict[str, L
     """Freeze ``model`` and wrap its ``cfg.target_modules`` in LoRA-SB layers; returns {name: layer}.
     Only the layers' R (r x r) are left trainable (B, A for ``method: lora``)."""
     cfg = cfg or LoraSBConfig()
-    return wrap_targets(model, cfg.target_modules, cfg.r, cfg.dropout, cfg.method)
+    return wrap_targets(model, cfg.target_modules, cfg.r, cfg.dropout, cfg.method, cfg.fuse_projections)
 
 
 def layers_of(model: torch.nn.Module) -> dict[str, LoRASBLinear]:

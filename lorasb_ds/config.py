@@ -60,6 +60,9 @@ class LoraSBConfig:
     """Module-name suffixes to wrap (``q_proj`` matches ``model.layers.0.self_attn.q_proj``)."""
     dropout: float = 0.0
     """Dropout on the adapter's input (the base path never sees it)."""
+    fuse_projections: bool = True
+    """Targets that read one input (q/k/v, gate/up) compute their ``x A^T`` in one matmul (frozen A and
+    no dropout only; the result is the same)."""
     update: str = "sign"
     """Approximation of the first full fine-tuning update: ``sign`` (-lr_eff*sign(G), Adam's first
     step) or ``sgd`` (-lr_eff*G)."""

@@ -38,6 +38,9 @@ class LoRASBLinear(nn.Module):
 
     ``probe`` is a callable set only during the estimation pass (see ``estimate.py``): the adapter
     path is skipped and ``probe(y, x, self)`` may attach a gradient tap to the base output.
+
+    ``shared``: a ``SharedInput`` when this layer reads the same input as its siblings (q, k, v;
+    gate, up): the first of them to see an input computes ``x A^T`` for all in one matmul.
     """
 
     def __init__(self, base: nn.Linear, r: int, dropout: float = 0.0, trainable: tuple[str, ...] = ("R",)):
@@ -57,16 +60,20 @@ class LoRASBLinear(nn.Module):
                 self.register_buffer(f"lora_{part}", value, persistent=False)
         self.dropout = dropout  # functional, so no extra module for ZeRO-3 to hook and call per step
         self.probe = None
+        self.shared: SharedInput | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.probe is not None:
             return self.probe(self.base(x), x, self)
-        lead = x.shape[:-1]
+        lead, given = x.shape[:-1], x
         x = x.reshape(-1, x.shape[-1])  # (tokens, in): each product below is one 2-D matmul
         y = self.base(x)  # (tokens, out)
         if self.dropout > 0:
             x = F.dropout(x, self.dropout, self.training)
-        h = (x.to(self.lora_A.dtype) @ self.lora_A.T) @ self.lora_R.T  # (tokens, r)
+        if self.shared is not None:
+            h = self.shared.projection(self, given, x) @ self.lora_R.T  # (tokens, r)
+        else:
+            h = (x.to(self.lora_A.dtype) @ self.lora_A.T) @ self.lora_R.T  # (tokens, r)
         if h.dtype == y.dtype:
             y = y.addmm_(h, self.lora_B.T)  # y += h B^T inside the matmul: no (tokens, out) temporary
         else:
@@ -82,6 +89,65 @@ class LoRASBLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}"
                 + (f", dropout={self.dropout}" if self.dropout > 0 else ""))
+
+
+class SharedInput:
+    """Adapter layers that read one input (q, k and v of an attention block; gate and up of an MLP):
+    ``x A_i^T`` for all of them is one matmul of x (tokens x in) with the stacked A's (n r x in).
+
+    The first layer called with an input computes every slice and keeps the others' until each
+    sibling, called with the very same tensor, takes its own; a sibling called with another input
+    computes afresh. Only for frozen A without dropout (``fusable``). Forward and backward equal the
+    unfused layers' up to float rounding; nothing is stored in any file."""
+
+    def __init__(self, layers: list[LoRASBLinear]):
+        self.layers = layers
+        self.input = None  # the tensor the kept slices belong to
+        self.slices: dict[int, torch.Tensor] = {}  # id(layer) -> (tokens, r)
+        self._stacked, self._stacked_key = None, None
+
+    @staticmethod
+    def fusable(layer: LoRASBLinear) -> bool:
+        return layer.dropout == 0 and not isinstance(layer.lora_A, nn.Parameter)
+
+    def stacked_A(self) -> torch.Tensor:
+        """(n r, in): rebuilt only when some A was written (apply_inits)."""
+        key = tuple((l.lora_A.data_ptr(), l.lora_A._version) for l in self.layers)
+        if key != self._stacked_key:
+            self._stacked, self._stacked_key = torch.cat([l.lora_A for l in self.layers]), key
+        return self._stacked
+
+    def projection(self, layer: LoRASBLinear, given: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``x A^T`` (tokens, r) of ``layer``, whose forward got ``given`` (x is its 2-D view)."""
+        if self.input is not given or id(layer) not in self.slices:
+            A = self.stacked_A()
+            h = x.to(A.dtype) @ A.T  # (tokens, n r)
+            self.slices = {id(l): part for l, part in zip(self.layers, h.split([l.r for l in self.layers], dim=-1))}
+            self.input = given
+        part = self.slices.pop(id(layer))
+        if not self.slices:
+            self.input = None  # all taken: keep no reference to the activation
+        return part
+
+
+def share_inputs(layers: dict[str, LoRASBLinear], groups=(("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"),
+                                                          ("query", "key", "value"))) -> int:
+    """Give siblings that read one input (same parent, names of one of ``groups``) a ``SharedInput``;
+    returns the number of groups formed."""
+    formed = 0
+    by_parent: dict[str, dict[str, LoRASBLinear]] = {}
+    for name, layer in layers.items():
+        parent, _, child = name.rpartition(".")
+        by_parent.setdefault(parent, {})[child] = layer
+    for children in by_parent.values():
+        for group in groups:
+            members = [children[c] for c in group if c in children]
+            if len(members) > 1 and all(SharedInput.fusable(m) for m in members):
+                shared = SharedInput(members)
+                for m in members:
+                    m.shared = shared
+                formed += 1
+    return formed
 
 
 def shape_of(linear: nn.Linear) -> tuple[int, int]:

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from .config import ConfigError
-from .layer import LoRASBLinear, shape_of
+from .layer import LoRASBLinear, shape_of, share_inputs
 from .methods import METHODS
 
 
@@ -56,8 +56,9 @@ def find_targets(model: nn.Module, target_modules: list[str], r: int) -> list[tu
 
 
 def wrap_targets(model: nn.Module, target_modules: list[str], r: int, dropout: float = 0.0,
-                 method: str = "lorasb") -> dict[str, LoRASBLinear]:
+                 method: str = "lorasb", fuse: bool = True) -> dict[str, LoRASBLinear]:
     """Freeze the whole model, replace every target by a ``LoRASBLinear``; returns {name: layer}.
+    ``fuse``: siblings that read one input (q/k/v, gate/up) share their A-projection (``layer.share_inputs``).
 
     A method without adapter layers (``full``) wraps nothing and leaves every weight trainable
     (returns {}); the others train the factors ``methods.METHODS`` names."""
@@ -73,6 +74,8 @@ def wrap_targets(model: nn.Module, target_modules: list[str], r: int, dropout: f
         layer = LoRASBLinear(linear, r, dropout, trainable=METHODS[method].trained)
         setattr(parent, child, layer)
         layers[name] = layer
+    if fuse:
+        share_inputs(layers)
     return layers
 
 

@@ -166,7 +166,8 @@ def build(p: Prepared) -> Session:
     model = load_model(cfg.model, ds_config, model_dtype(ds_config), num_labels_of(cfg))
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    layers = wrap_targets(model, cfg.lorasb.target_modules, cfg.lorasb.r, cfg.lorasb.dropout, cfg.lorasb.method)
+    layers = wrap_targets(model, cfg.lorasb.target_modules, cfg.lorasb.r, cfg.lorasb.dropout, cfg.lorasb.method,
+                          cfg.lorasb.fuse_projections)
     saved = [] if not METHODS[cfg.lorasb.method].wraps else modules_to_save(model, cfg.lorasb.modules_to_save,
                                                                     cfg.model.task)
     train_modules(model, saved)

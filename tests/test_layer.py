@@ -161,3 +161,65 @@ def test_dropout_in_train_applies_to_adapter_input():
     BRA = layer.lora_B @ layer.lora_R @ layer.lora_A
     torch.testing.assert_close(y, layer.base(x) + xd @ BRA.T, rtol=1e-12, atol=1e-12)
     assert not torch.allclose(y, layer.base(x) + x @ BRA.T)
+
+
+def test_fused_projections_equal_the_unfused_layers_fp32():
+    """q, k, v on one input: with the fused A-projection, outputs and the gradients of R and x equal the
+    unfused layers' within 1e-6 (fp32)."""
+    from lorasb_ds.layer import share_inputs
+
+    gen = torch.Generator().manual_seed(0)
+    bases = [nn.Linear(128, out) for out in (128, 64, 64)]
+    factors = [(torch.randn(b.out_features, 16, generator=gen) / 4, torch.randn(16, 128, generator=gen) / 128 ** 0.5,
+                torch.randn(16, 16, generator=gen) * 0.1) for b in bases]
+    x0 = torch.randn(2, 24, 128, generator=gen)
+    results = []
+    for fuse in (False, True):
+        layers = {f"attn.{n}": LoRASBLinear(b, 16) for n, b in zip(("q_proj", "k_proj", "v_proj"), bases)}
+        with torch.no_grad():
+            for layer, (B, A, R) in zip(layers.values(), factors):
+                layer.lora_B.copy_(B), layer.lora_A.copy_(A), layer.lora_R.copy_(R)
+        if fuse:
+            assert share_inputs(layers) == 1
+        x = x0.clone().requires_grad_(True)
+        outs = [layer(x) for layer in layers.values()]
+        weights = [torch.randn(o.shape, generator=torch.Generator().manual_seed(3)) / 24 for o in outs]
+        sum((o * w).sum() for o, w in zip(outs, weights)).backward()
+        results.append((outs, [l.lora_R.grad for l in layers.values()], x.grad))
+    (outs0, grads0, dx0), (outs1, grads1, dx1) = results
+    for a, b in zip(outs0 + grads0 + [dx0], outs1 + grads1 + [dx1]):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_fused_projections_equal_the_unfused_model(checkpointing):
+    """The tiny Llama with fused q/k/v and gate/up projections: the same logits and R gradients as
+    without, in fp64 (where rounding cannot hide a difference), with and without checkpointing."""
+    from lorasb_ds.config import LLAMA_TARGETS
+    from lorasb_ds.modeling import tiny_llama
+    from lorasb_ds.surgery import wrap_targets
+
+    gen = torch.Generator().manual_seed(0)
+    runs = []
+    for fuse in (False, True):
+        model = tiny_llama(torch.float64)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        layers = wrap_targets(model, LLAMA_TARGETS, r=8, fuse=fuse)
+        assert sum(layer.shared is not None for layer in layers.values()) == (5 * 4 if fuse else 0)
+        gen.manual_seed(1)
+        with torch.no_grad():
+            for layer in layers.values():
+                # unit-scale columns and rows, as the SVD's B and A; R of the size a run reaches
+                layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=gen) / layer.r ** 0.5)
+                layer.lora_A.copy_(torch.randn(layer.lora_A.shape, generator=gen) / layer.in_features ** 0.5)
+                layer.lora_R.copy_(torch.randn(layer.lora_R.shape, generator=gen) * 0.1)
+        model.train()
+        ids = torch.randint(3, 100, (2, 16), generator=torch.Generator().manual_seed(2))
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        runs.append((out.logits.detach(), {n: l.lora_R.grad.clone() for n, l in layers.items()}))
+    (logits0, grads0), (logits1, grads1) = runs
+    torch.testing.assert_close(logits1, logits0, rtol=0, atol=1e-10)
+    for name in grads0:
+        torch.testing.assert_close(grads1[name], grads0[name], rtol=1e-10, atol=1e-10)
