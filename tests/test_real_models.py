@@ -16,14 +16,13 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, free_port, torchrun
+from conftest import REPO, torchrun, torchrun_cmd
 from lorasb_ds.checkpoint import MARKER, complete_checkpoints
 from test_resume import env, process_tree, step_losses
 
@@ -213,8 +212,7 @@ def test_smollm2_sigkill_then_resume_is_bitwise_identical(smollm_dir, ds_config,
     out, log = tmp_path / "killed", tmp_path / "killed.log"
     args = ["launch/train.py", "--ds_config", ds_config, "--output_dir", str(out),
             f"model.name_or_path={smollm_dir}", *SMOLLM_ARGS]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *args]
+    cmd = torchrun_cmd(*args)
     with open(log, "w") as sink:  # a file, not a pipe nobody reads while the run goes on
         proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=sink, stderr=subprocess.STDOUT)
         marker, start = out / "checkpoints" / "step00000001" / MARKER, time.time()

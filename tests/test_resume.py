@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, free_port, torchrun
+from conftest import REPO, free_port, torchrun, torchrun_cmd
 from lorasb_ds.checkpoint import MARKER, complete_checkpoints
 from lorasb_ds.checkpoint import EXIT_PREEMPTED
 
@@ -69,9 +69,7 @@ def uninterrupted(tmp_path_factory):
 
 def test_sigkill_then_resume_is_bitwise_identical(uninterrupted, tmp_path):
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "launch/train.py", *ARGS,
-           "--output_dir", str(out)]
+    cmd = torchrun_cmd("launch/train.py", *ARGS, "--output_dir", str(out))
     proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     wait_for(out / "checkpoints" / "step00000004" / MARKER, proc)
