@@ -24,7 +24,7 @@ mkdir -p "$OUT"
 ARGS=(--device cuda --dtype bf16 --preset 1b --nproc "$NPROC" --seq "$SEQ")
 
 echo "== step time: LoRA-SB r=96 (fused and unfused A-projections), PEFT LoRA r=32/96, full fine-tuning, frozen floor (seq $SEQ x 4 per rank)"
-timeout 290 python bench/step_time.py "${ARGS[@]}" --micro_batch 4 --warmup 3 --steps 10 --unfused \
+timeout 290 python bench/step_time.py "${ARGS[@]}" --micro_batch 4 --warmup 3 --steps 10 --fused \
     --json "$OUT/step_time.json" | tee "$OUT/step_time.txt"
 
 echo "== estimation: 50 samples in micro-batches of 3, owner-sharded vs all-reduce everywhere"

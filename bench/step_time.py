@@ -7,8 +7,8 @@
 Variants, each in a fresh ``torchrun`` process group with the same DeepSpeed config and batch:
 
 * ``lorasb``: ``surgery.wrap_targets`` on q,k,v,o,gate,up,down; B, A random orthonormal and R nonzero
-  through ``init.apply_inits``; the optimizer holds the R matrices only. q/k/v and gate/up share their
-  A-projection (``lorasb.fuse_projections``); ``lorasb-unfused`` (``--unfused``) is the same without.
+  through ``init.apply_inits``; the optimizer holds the R matrices only. ``lorasb-fused`` (``--fused``):
+  the same with q/k/v and gate/up sharing their A-projection (``lorasb.fuse_projections=true``).
 * ``peft_rN``: ``peft.get_peft_model`` with ``LoraConfig(r=N)`` on the same targets.
 * ``full``: every parameter trained.
 * ``floor``: frozen model, forward + backward down to the embeddings with no adapter: what any
@@ -40,13 +40,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lorasb_rank", type=int, default=96)
     p.add_argument("--peft_ranks", default="32,96", help="comma-separated LoRA ranks")
     p.add_argument("--variants", default=None, help="comma-separated subset (default: all)")
-    p.add_argument("--unfused", action="store_true", help="also LoRA-SB without the fused A-projections")
+    p.add_argument("--fused", action="store_true", help="also LoRA-SB with fused A-projections (q/k/v, gate/up)")
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table of one step per variant")
     return common.resolve(p.parse_args(argv))
 
 
 def variants(args) -> list[str]:
-    names = [f"lorasb_r{args.lorasb_rank}"] + ([f"lorasb-unfused_r{args.lorasb_rank}"] if args.unfused else []) \
+    names = [f"lorasb_r{args.lorasb_rank}"] + ([f"lorasb-fused_r{args.lorasb_rank}"] if args.fused else []) \
         + [f"peft_r{r}" for r in args.peft_ranks.split(",")] + ["full", "floor"]
     if args.variants:
         wanted = args.variants.split(",")
@@ -103,7 +103,7 @@ def worker(args, variant: str) -> dict:
     kind, r = variant.split("_r")[0], int(variant.split("_r")[1]) if "_r" in variant else 0
     layers = {}
     if kind.startswith("lorasb"):
-        layers = wrap_targets(model, common.TARGETS, r, fuse=kind == "lorasb")
+        layers = wrap_targets(model, common.TARGETS, r, fuse=kind == "lorasb-fused")
         params = [layer.lora_R for layer in layers.values()]
     elif kind == "peft":
         from peft import LoraConfig, get_peft_model

@@ -56,7 +56,7 @@ def find_targets(model: nn.Module, target_modules: list[str], r: int) -> list[tu
 
 
 def wrap_targets(model: nn.Module, target_modules: list[str], r: int, dropout: float = 0.0,
-                 method: str = "lorasb", fuse: bool = True) -> dict[str, LoRASBLinear]:
+                 method: str = "lorasb", fuse: bool = False) -> dict[str, LoRASBLinear]:
     """Freeze the whole model, replace every target by a ``LoRASBLinear``; returns {name: layer}.
     ``fuse``: siblings that read one input (q/k/v, gate/up) share their A-projection (``layer.share_inputs``).
 
