@@ -1,8 +1,9 @@
-"""Run by tests/test_api.py under ``torchrun``: LoRA-SB in transformers' ``Trainer`` with a DeepSpeed
-ZeRO-3 config, through ``lorasb_ds.wrap`` and ``LoraSBCallback`` only, as a user's script would.
-Writes what the test checks to ``OUT/report.json`` and the trained model's logits to ``OUT/logits.pt``.
+"""Run by tests/test_api.py under ``torchrun``: LoRA-SB in transformers' ``Trainer`` (or TRL's
+``SFTTrainer``) with a DeepSpeed ZeRO-3 config, through ``lorasb_ds.wrap`` and ``LoraSBCallback`` only,
+as a user's script would. Writes what the test checks to ``OUT/report.json`` and the trained model's
+logits to ``OUT/logits.pt``.
 
-usage: torchrun --nproc_per_node 2 tests/workers/trainer_worker.py OUT
+usage: torchrun --nproc_per_node 2 tests/workers/trainer_worker.py OUT trainer|sft
 """
 
 import json
@@ -17,12 +18,11 @@ import lorasb_ds
 from lorasb_ds.data import collate, synthetic_math_rows
 from lorasb_ds.modeling import TINY_LLAMA_DIR, tiny_tokenizer
 
-out = sys.argv[1]
+out, kind = sys.argv[1], sys.argv[2]
 ds_config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
              "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
-args = TrainingArguments(output_dir=out, per_device_train_batch_size=2, max_steps=2, learning_rate=1e-2,
-                         warmup_steps=1, deepspeed=ds_config, report_to=[], save_strategy="no", logging_steps=1,
-                         seed=3)
+settings = dict(output_dir=out, per_device_train_batch_size=2, max_steps=2, learning_rate=1e-2, warmup_steps=1,
+                deepspeed=ds_config, report_to=[], save_strategy="no", logging_steps=1, seed=3)
 
 cfg = lorasb_ds.LoraSBConfig(r=8)
 model = AutoModelForCausalLM.from_pretrained(TINY_LLAMA_DIR, dtype=torch.float32)
@@ -33,8 +33,17 @@ examples = [{"input_ids": tokenizer(t)["input_ids"], "labels": tokenizer(t)["inp
 rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
 mine = examples[rank::world][:6]  # this rank's estimation data: 3 micro-batches of 2
 callback = lorasb_ds.LoraSBCallback([collate(mine[i:i + 2], tokenizer.pad_token_id) for i in range(0, 6, 2)], cfg)
-trainer = Trainer(model=model, args=args, train_dataset=examples,
-                  data_collator=lambda rows: collate(rows, tokenizer.pad_token_id), callbacks=[callback])
+if kind == "sft":  # TRL tokenizes the text itself
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    trainer = SFTTrainer(model=model, args=SFTConfig(**settings, max_length=64, bf16=False), callbacks=[callback],
+                         train_dataset=Dataset.from_list([{"text": t} for t in texts]),
+                         processing_class=AutoTokenizer.from_pretrained(TINY_LLAMA_DIR))
+else:
+    trainer = Trainer(model=model, args=TrainingArguments(**settings), train_dataset=examples,
+                      data_collator=lambda rows: collate(rows, tokenizer.pad_token_id), callbacks=[callback])
 trainer.train()
 
 engine = trainer.model_wrapped
