@@ -54,6 +54,12 @@ class Position:
     """Lowest validation loss so far (early stopping)."""
     evals_since_best: int = 0
     """Validations since that best one."""
+    best_step: int | None = None
+    """The step of the checkpoint kept for the best validation loss (``train.keep_best``)."""
+
+
+def checkpoint_path(output_dir: str, step: int) -> str:
+    return os.path.join(output_dir, CHECKPOINTS, f"step{step:08d}")
 
 
 def complete_checkpoints(output_dir: str) -> list[str]:
@@ -89,11 +95,12 @@ def _rng_state() -> dict[str, torch.Tensor]:
 
 
 def save(engine, output_dir: str, position: Position, extra: dict, keep_last: int) -> str:
-    """Write a checkpoint of ``engine`` at ``position``; keep the newest ``keep_last``. Collective."""
+    """Write a checkpoint of ``engine`` at ``position``; keep the newest ``keep_last``, and the one of
+    ``position.best_step`` (``train.keep_best``). Collective."""
     rank = dist.get_rank()
     root = os.path.join(output_dir, CHECKPOINTS)
-    name = f"step{position.step:08d}"
-    tmp, final = os.path.join(root, f".tmp-{name}"), os.path.join(root, name)
+    final = checkpoint_path(output_dir, position.step)
+    tmp = os.path.join(root, f".tmp-{os.path.basename(final)}")
     if rank == 0:
         for stale in (p for p in os.listdir(root) if p.startswith(".tmp-")) if os.path.isdir(root) else ():
             shutil.rmtree(os.path.join(root, stale), ignore_errors=True)
@@ -110,8 +117,10 @@ def save(engine, output_dir: str, position: Position, extra: dict, keep_last: in
         if os.path.exists(final):  # a checkpoint of the same step from an earlier attempt
             shutil.rmtree(final)
         os.replace(tmp, final)
+        best = None if position.best_step is None else checkpoint_path(output_dir, position.best_step)
         for old in complete_checkpoints(output_dir)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+            if old != best:
+                shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return final
 
@@ -131,7 +140,7 @@ def load(engine, path: str) -> tuple[Position, dict]:
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
     position = Position(marker["step"], marker["epoch"], marker["micro_batch"], marker.get("best_eval_loss"),
-                        marker.get("evals_since_best", 0))
+                        marker.get("evals_since_best", 0), marker.get("best_step"))
     return position, marker
 
 

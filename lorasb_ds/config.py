@@ -208,6 +208,9 @@ class TrainConfig:
     early_stopping_patience: int = 0
     """Stop (checkpoint and adapter written) after this many validations in a row without a new best
     validation loss; 0: never."""
+    keep_best: bool = False
+    """Checkpoint at every new best validation loss, keep that checkpoint whatever ``keep_last`` says,
+    and write the adapter from it at the end."""
 
 
 @dataclass
@@ -397,6 +400,8 @@ def validate_run_config(cfg: RunConfig) -> None:
         (d.held_out() or not (t.eval_every or t.early_stopping_patience),
          f"train.{'eval_every' if t.eval_every else 'early_stopping_patience'} needs a held-out set: set "
          "data.eval_path, data.eval_split or data.eval_fraction"),
+        (d.held_out() or not t.keep_best,
+         "train.keep_best needs a held-out set: set data.eval_path, data.eval_split or data.eval_fraction"),
         (t.eval_every or not t.early_stopping_patience,
          "train.early_stopping_patience counts validations: set train.eval_every (steps between them) too"),
     ]

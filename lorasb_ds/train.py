@@ -121,7 +121,9 @@ def run(cfg: RunConfig, ds_config: dict, dry: bool = False) -> dict:
         dist.barrier()
         raise SystemExit(EXIT_PREEMPTED)
 
-    # ---- the adapter and the summary
+    # ---- the adapter and the summary (train.keep_best: from the checkpoint of the best validation loss)
+    if cfg.train.keep_best and position.best_step not in (None, position.step):
+        checkpoint.load(s.engine, checkpoint.checkpoint_path(out_dir, position.best_step))
     estimated_by_this_run = METHODS[cfg.lorasb.method].estimates and (
         os.path.abspath(init_path) == os.path.abspath(os.path.join(out_dir, INIT_FILE_NAME)))
     summary = {
@@ -134,6 +136,7 @@ def run(cfg: RunConfig, ds_config: dict, dry: bool = False) -> dict:
         "init_id": init_meta.get("init_id"), "lr_eff": init_meta.get("lr_eff"),
         "final_loss": logger.last_loss, "stopped_early": position.step < prepared.schedule.total_steps,
         "best_eval_loss": position.best_eval_loss,
+        "adapter_step": position.best_step if cfg.train.keep_best and position.best_step else position.step,
         "trainable_parameters": s.counts.trainable, "frozen_adapter_parameters": s.counts.adapter_frozen,
         "base_parameters": s.counts.base, "truncated_samples": prepared.truncated,
     }
@@ -241,15 +244,20 @@ def train_loop(s: Session, logger: Logger, position: Position | None = None,
                 logger.log(record, tb={f"Train/{k}": v for k, v in record.items() if k != "step"})
 
             # ---- validate on the held-out set; its loss is the same on every rank, so is early stopping
+            best = False  # a new best validation loss at this step
             if p.eval_examples and (last or (t.eval_every and pos.step % t.eval_every == 0)):
                 validate(s, pos, logger)
+                best = pos.evals_since_best == 0
                 last = last or bool(t.early_stopping_patience and pos.evals_since_best >= t.early_stopping_patience)
+            if best and t.keep_best:
+                pos.best_step = pos.step
 
             # ---- agree on stopping (a signal) or failing (NaN), then checkpoint if due
             finite = bool(torch.isfinite(torch.stack(losses)).all())
             losses = []
             stop, diverged = any_rank([preemption is not None and preemption.requested, not finite], s.device)
-            saving = save is not None and (stop or last or (t.save_every and pos.step % t.save_every == 0))
+            saving = save is not None and (stop or last or (best and t.keep_best)
+                                           or (t.save_every and pos.step % t.save_every == 0))
             if saving and not diverged:  # a checkpoint is written only with finite R (same on all ranks)
                 diverged = not math.isfinite(norm if norm is not None else param_norm(trained))
             if diverged:

@@ -237,6 +237,7 @@ def test_resume_auto_without_a_checkpoint_says_it_starts_anew(tmp_path, capsys):
     (["data.eval_fraction=0.1", "data.eval_split=validation"], "set one of them"),
     (["data.eval_fraction=1.5"], "data.eval_fraction must be in [0, 1), got 1.5"),
     (["train.eval_every=-1"], "train.eval_every must be >= 0"),
+    (["train.keep_best=true"], "train.keep_best needs a held-out set"),
     (["data.eval_split=validation"], "data.eval_split applies to a directory or hub dataset in data.path"),
     (["data.eval_path=/no/such/rows.jsonl"], "data.eval_path: no such file or directory '/no/such/rows.jsonl'"),
     (["data.eval_fraction=0.999", "data.builtin_size=20"], "data.eval_fraction = 0.999 of 20 rows leaves none"),

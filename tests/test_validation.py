@@ -9,6 +9,7 @@ import os
 import sys
 
 import pytest
+import torch
 
 from conftest import REPO, run_command
 
@@ -29,6 +30,12 @@ def expected_stop(evals: list[dict]) -> int | None:
     return None
 
 
+def train(out, *overrides, ds_config="ds_configs/zero3.json"):
+    run_command([sys.executable, "-m", "lorasb_ds.cli", "train", "--ds_config", ds_config, "--output_dir", str(out),
+                 "data.builtin_size=200", "lorasb.est_samples=8", "data.eval_fraction=0.1", f"train.eval_every={EVERY}",
+                 "train.lr=0.05", "train.schedule=constant", *overrides], timeout=600)
+
+
 def test_early_stopping_stops_where_its_rule_says(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -36,10 +43,8 @@ def test_early_stopping_stops_where_its_rule_says(tmp_path):
     ds_config = json.load(open(os.path.join(REPO, "ds_configs", "zero3.json")))
     ds_config["csv_monitor"] = {"enabled": True, "job_name": "lorasb"}  # output_path: the run's csv/ folder
     (tmp_path / "ds.json").write_text(json.dumps(ds_config))
-    run_command([sys.executable, "-m", "lorasb_ds.cli", "train", "--ds_config", str(tmp_path / "ds.json"),
-                 "--output_dir", str(out), "data.builtin_size=200", "lorasb.est_samples=8",
-                 "data.eval_fraction=0.1", f"train.eval_every={EVERY}", f"train.early_stopping_patience={PATIENCE}",
-                 f"train.max_steps={MAX_STEPS}", "train.lr=0.05", "train.schedule=constant"], timeout=600)
+    train(out, f"train.early_stopping_patience={PATIENCE}", f"train.max_steps={MAX_STEPS}",
+          ds_config=str(tmp_path / "ds.json"))
     records = [json.loads(line) for line in open(out / "metrics.jsonl")]
     evals = [r for r in records if r.get("event") == "eval"]
     summary = json.load(open(out / "run_summary.json"))
@@ -62,3 +67,23 @@ def test_early_stopping_stops_where_its_rule_says(tmp_path):
         [(e["step"], pytest.approx(e["eval_loss"], rel=1e-6)) for e in evals]
     with open(out / "csv" / "lorasb" / "Train_loss.csv") as f:
         assert [int(row[0]) for row in list(csv.reader(f))[1:]] == [r["step"] for r in records if "loss" in r]
+
+
+def test_keep_best_writes_the_adapter_of_the_best_step(tmp_path):
+    """With train.keep_best the run above writes the adapter of its best validation step, kept whatever
+    keep_last says: bitwise the adapter of the same run stopped at that step."""
+    from safetensors.torch import load_file
+
+    best_run, short_run = tmp_path / "best", tmp_path / "short"
+    train(best_run, f"train.early_stopping_patience={PATIENCE}", f"train.max_steps={MAX_STEPS}",
+          "train.keep_best=true", "train.keep_last=1")
+    summary = json.load(open(best_run / "run_summary.json"))
+    evals = [r for r in map(json.loads, open(best_run / "metrics.jsonl")) if r.get("event") == "eval"]
+    best_step = min(evals, key=lambda e: e["eval_loss"])["step"]
+    assert summary["stopped_early"] and best_step < summary["steps"] and summary["adapter_step"] == best_step
+    kept = sorted(p.name for p in (best_run / "checkpoints").iterdir())
+    assert kept == [f"step{best_step:08d}", f"step{summary['steps']:08d}"]  # keep_last=1, and the best
+    train(short_run, f"train.max_steps={best_step}")  # the same data, schedule and steps, stopped there
+    a = load_file(best_run / "adapter" / "lorasb_adapter.safetensors")
+    b = load_file(short_run / "adapter" / "lorasb_adapter.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
