@@ -26,7 +26,7 @@ from importlib.metadata import version
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # the package of this checkout
 
-from lorasb_ds.dist import free_port  # noqa: E402,F401  (benchmarks take it from here)
+from lorasb_ds.ranks import free_port  # noqa: E402,F401  (benchmarks take it from here)
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -149,7 +149,7 @@ def start() -> tuple[int, int, "object"]:
     """Process group through the package's own start (gloo on CPU, NCCL on GPUs); seeded."""
     import deepspeed
 
-    from lorasb_ds.dist import init_distributed
+    from lorasb_ds.ranks import init_distributed
 
     rank, world, device = init_distributed(timeout_minutes=30)
     deepspeed.runtime.utils.set_random_seed(1234)

@@ -105,7 +105,7 @@ def process_group():
     if dist.is_initialized():
         yield
         return
-    from .dist import free_port
+    from .ranks import free_port
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:

@@ -199,7 +199,7 @@ class PreemptionFlag:
     """SIGTERM or SIGUSR1 (sent by Slurm before a time limit or preemption) ask the run to stop.
 
     The handler only sets a flag; at each optimizer-step boundary every rank all-reduces it
-    (``dist.any_rank``), so all ranks agree to stop at the same step, checkpoint together and exit
+    (``ranks.any_rank``), so all ranks agree to stop at the same step, checkpoint together and exit
     with ``EXIT_PREEMPTED``.
     """
 

@@ -38,9 +38,9 @@ class Parser(argparse.ArgumentParser):
 
 
 def say_once(text: str) -> None:
-    """``text`` to stderr, once per launch (``dist.say_once``; imported here only when needed, so the
+    """``text`` to stderr, once per launch (``ranks.say_once``; imported here only when needed, so the
     parser loads no torch)."""
-    from .dist import say_once as say
+    from .ranks import say_once as say
 
     say(text, sys.stderr)
 

@@ -23,7 +23,7 @@ What it does, in order:
    longest first, which keeps padding small; greedy results do not depend on the batch a prompt is in
    (up to float rounding).
 4. **Sharding**: started by ``torchrun``, the ``deepspeed`` runner, ``mpirun`` or ``srun`` (ranks found
-   as for training, ``dist.py``), rank k generates rows k, k + world, k + 2 world, ...
+   as for training, ``ranks.py``), rank k generates rows k, k + world, k + 2 world, ...
    Generation needs no communication; afterwards every rank makes exactly one ``gather_object`` to
    rank 0 and one ``broadcast_object_list`` of the outcome (gloo: only Python objects travel), so a
    rank with fewer rows, or none, cannot make the others hang, and an error on any rank is reported
@@ -69,7 +69,7 @@ from . import glue
 from .config import ConfigError, could_be_hub_name
 from .data import (PROMPT_TEMPLATES, alpaca_prompt, format_prompt, require_chat_template,
                    template_writes_special_tokens)
-from .dist import current_world, join_launch, start_gloo_group
+from .ranks import current_world, join_launch, start_gloo_group
 from .files import atomic_write_text
 from .scoring import (TASKS, Example, commonsense_family, format_number, gsm8k_gold, math_gold, math_value,
                       score)

@@ -16,7 +16,7 @@ import torch
 from .checkpoint import check_output_dir, resume_point
 from .config import BatchLayout, ConfigError, RunConfig, check_precision, precision, resolve_batch_layout
 from .data import describe_truncation, estimation_indices, fingerprint, load_rows, split_held_out, tokenize_rows
-from .dist import say_once, world_size_from_env  # say_once: every rank prepares the same run
+from .ranks import say_once, world_size_from_env  # say_once: every rank prepares the same run
 from .estimate import assign_owners, estimation_groups, max_accum_bytes
 from .export import INIT_FILE_NAME
 from .init import check_init_metadata, init_metadata, read_init_metadata

@@ -27,7 +27,7 @@ from . import checkpoint
 from .checkpoint import EXIT_PREEMPTED, Position, PreemptionFlag, run_identity
 from .config import RunConfig, resolve_batch_layout
 from .data import IGNORE_INDEX, collate, eval_batches, train_batches
-from .dist import any_rank
+from .ranks import any_rank
 from .estimate import assign_owners, layer_shapes, weighted_estimation_batches
 from .export import INIT_FILE_NAME, save_adapter
 from .files import atomic_write_text
@@ -150,7 +150,7 @@ def build(p: Prepared) -> Session:
     """Start the process group, load the model, wrap the targets, build the engine. Collective."""
     import deepspeed
 
-    from .dist import init_distributed
+    from .ranks import init_distributed
 
     cfg, ds_config = p.cfg, p.ds_config
     rank, world, device = init_distributed(cfg.train.dist_timeout_minutes)

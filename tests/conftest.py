@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from lorasb_ds.dist import free_port  # noqa: F401  (tests take it from here)
+from lorasb_ds.ranks import free_port  # noqa: F401  (tests take it from here)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")

@@ -137,37 +137,37 @@ SRUN_TASK = {"SLURM_JOB_ID": "4242", "SLURM_STEP_ID": "0", "SLURM_PROCID": "3", 
 
 
 def test_srun_tasks_map_to_ranks_and_a_per_job_port(monkeypatch):
-    from lorasb_ds import dist
+    from lorasb_ds import ranks
 
-    assert dist.detect_launcher(SRUN_TASK) == "srun"
-    assert dist.world_size_from_env(SRUN_TASK) == 4  # the step's tasks, not the job's
-    layout = dist.discover(SRUN_TASK)
+    assert ranks.detect_launcher(SRUN_TASK) == "srun"
+    assert ranks.world_size_from_env(SRUN_TASK) == 4  # the step's tasks, not the job's
+    layout = ranks.discover(SRUN_TASK)
     assert (layout.rank, layout.world_size, layout.local_rank, layout.local_world_size) == (3, 4, 1, 2)
     assert layout.master_port == 20000 + 4242 % 20000
-    monkeypatch.setattr(dist.shutil, "which", lambda name: None)  # no scontrol: the list is read here
-    assert dist.discover(SRUN_TASK).master_addr == "gpu07"
-    assert dist.discover(dict(SRUN_TASK, SLURM_STEP_NUM_NODES="1")).master_addr == "127.0.0.1"
-    assert dist.discover(dict(SRUN_TASK, MASTER_ADDR="h0", MASTER_PORT="1234")).master_addr == "h0"
-    assert dist.first_host_of("rack[1-2]-n[03,05],login1") == "rack1-n03"
+    monkeypatch.setattr(ranks.shutil, "which", lambda name: None)  # no scontrol: the list is read here
+    assert ranks.discover(SRUN_TASK).master_addr == "gpu07"
+    assert ranks.discover(dict(SRUN_TASK, SLURM_STEP_NUM_NODES="1")).master_addr == "127.0.0.1"
+    assert ranks.discover(dict(SRUN_TASK, MASTER_ADDR="h0", MASTER_PORT="1234")).master_addr == "h0"
+    assert ranks.first_host_of("rack[1-2]-n[03,05],login1") == "rack1-n03"
     unreadable = dict(SRUN_TASK, SLURM_STEP_NODELIST="gpu[07")
-    assert dist.discover(unreadable).master_addr == "10.0.0.7"  # SLURM_LAUNCH_NODE_IPADDR
+    assert ranks.discover(unreadable).master_addr == "10.0.0.7"  # SLURM_LAUNCH_NODE_IPADDR
     env = {}
-    dist.discover(SRUN_TASK).export(env)
+    ranks.discover(SRUN_TASK).export(env)
     assert env == {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
                    "MASTER_ADDR": "gpu07", "MASTER_PORT": str(20000 + 4242)}
 
 
 def test_the_innermost_launcher_wins():
-    from lorasb_ds import dist
+    from lorasb_ds import ranks
 
     torchrun_in_srun = dict(SRUN_TASK, RANK="5", WORLD_SIZE="8", LOCAL_RANK="1", LOCAL_WORLD_SIZE="4",
                             MASTER_ADDR="gpu07", MASTER_PORT="29500", TORCHELASTIC_RUN_ID="4242")
-    assert dist.detect_launcher(torchrun_in_srun) == "torchrun"
-    assert dist.discover(torchrun_in_srun).rank == 5
+    assert ranks.detect_launcher(torchrun_in_srun) == "torchrun"
+    assert ranks.discover(torchrun_in_srun).rank == 5
     batch_step = {k: v for k, v in SRUN_TASK.items() if not k.startswith("SLURM_STEP")}
-    assert dist.detect_launcher(batch_step) == "single"  # python run in the batch script itself
-    assert "srun" in dist.discover(batch_step).note
-    assert dist.detect_launcher(dict(batch_step, OMPI_COMM_WORLD_SIZE="2", OMPI_COMM_WORLD_RANK="1")) == "mpi"
+    assert ranks.detect_launcher(batch_step) == "single"  # python run in the batch script itself
+    assert "srun" in ranks.discover(batch_step).note
+    assert ranks.detect_launcher(dict(batch_step, OMPI_COMM_WORLD_SIZE="2", OMPI_COMM_WORLD_RANK="1")) == "mpi"
 
 
 @pytest.mark.parametrize("variables, message", [
@@ -184,26 +184,26 @@ def test_the_innermost_launcher_wins():
     (dict(SRUN_TASK, SLURM_PROCID="4"), "SLURM_PROCID=4 but SLURM_STEP_NUM_TASKS=4"),
 ])
 def test_inconsistent_launch_variables_fail_before_any_rendezvous(variables, message):
-    from lorasb_ds import dist
+    from lorasb_ds import ranks
     from lorasb_ds.config import ConfigError
 
     with pytest.raises(ConfigError, match=re.escape(message)):
-        dist.world_size_from_env(variables)
-        dist.discover(variables)
+        ranks.world_size_from_env(variables)
+        ranks.discover(variables)
 
 
 def test_an_mpi_launch_without_mpi4py_says_what_to_install(monkeypatch):
-    from lorasb_ds import dist
+    from lorasb_ds import ranks
     from lorasb_ds.config import ConfigError
 
-    monkeypatch.setattr(dist, "_mpi4py_available", lambda: False)
+    monkeypatch.setattr(ranks, "_mpi4py_available", lambda: False)
     mpirun = {"OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_RANK": "0"}
-    for call in (dist.world_size_from_env, dist.discover):
+    for call in (ranks.world_size_from_env, ranks.discover):
         with pytest.raises(ConfigError, match=re.escape("pip install 'lorasb-ds[mpi]'")):
             call(mpirun)
     # srun --mpi=pmi2 without mpi4py: the step's own Slurm variables describe the same layout
     pmi2 = dict(SRUN_TASK, PMI_RANK="3", PMI_SIZE="4")
-    assert dist.world_size_from_env(pmi2) == 4 and dist.discover(pmi2).rank == 3
+    assert ranks.world_size_from_env(pmi2) == 4 and ranks.discover(pmi2).rank == 3
 
 
 def test_a_bad_launch_ends_the_run_at_once_with_the_reason(tmp_path):

@@ -6,7 +6,7 @@ usage: <launcher> tests/workers/fail_worker.py [--local_rank=N]
 
 import torch.distributed as dist
 
-from lorasb_ds.dist import init_distributed
+from lorasb_ds.ranks import init_distributed
 
 rank, world, _ = init_distributed(timeout_minutes=10)  # far longer than the test waits
 print(f"fail_worker: rank {rank} of {world} up", flush=True)

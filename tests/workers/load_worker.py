@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import save_file
 
 from lorasb_ds.config import ModelConfig
-from lorasb_ds.dist import init_distributed
+from lorasb_ds.ranks import init_distributed
 from lorasb_ds.modeling import load_model
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
