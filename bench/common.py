@@ -195,7 +195,7 @@ def random_inits(layers: dict) -> dict:
     """B, A with orthonormal columns / rows and a nonzero diagonal R, seeded per module (same on all ranks)."""
     import torch
 
-    from lorasb_ds.init import LayerInit
+    from lorasb_ds.files import LayerInit
 
     inits = {}
     for k, (name, layer) in enumerate(layers.items()):

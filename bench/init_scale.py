@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from lorasb_ds.config import DataConfig, ModelConfig
     from lorasb_ds.data import collate, load_rows, tokenize_rows
-    from lorasb_ds.init import load_init_file
+    from lorasb_ds.files import load_init_file
     from lorasb_ds.modeling import load_tokenizer, tiny_llama
     from lorasb_ds.surgery import wrap_targets
 

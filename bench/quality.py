@@ -252,7 +252,7 @@ class Study:
                    trainable=summary["trainable_parameters"], estimation_seconds=summary.get("estimation_seconds"))
         run["optimizer_state_bytes"] = OPTIMIZER_BYTES_PER_TRAINED * run["trainable"]
         if lorasb_method == "lorasb":
-            from lorasb_ds.init import read_init_metadata
+            from lorasb_ds.files import read_init_metadata
 
             run["energy"] = read_init_metadata(os.path.join(REPO, out, "lorasb_init.safetensors"))["energy"]
         self.store(run)

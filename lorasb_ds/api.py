@@ -22,8 +22,9 @@ import torch.distributed as dist
 
 from .config import ConfigError, LoraSBConfig, ModelConfig, RunConfig, TrainConfig
 from .estimate import assign_owners, layer_shapes
-from .export import save_adapter as write_adapter_files
-from .init import LayerInit, apply_inits, init_adapters, read_init_metadata
+from .files import ADAPTER_DIR_NAME, INIT_FILE_NAME, LayerInit, read_init_metadata
+from .files import save_adapter as write_adapter_files
+from .init import apply_inits, init_adapters
 from .layer import LoRASBLinear
 from .surgery import wrap_targets
 
@@ -134,7 +135,7 @@ class LoraSBCallback(TrainerCallback):
         self.estimations = 0
 
     def init_path(self, args) -> str:
-        return os.path.join(args.output_dir, "lorasb_init.safetensors")
+        return os.path.join(args.output_dir, INIT_FILE_NAME)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if self.estimations:
@@ -145,4 +146,4 @@ class LoraSBCallback(TrainerCallback):
         self.estimations += 1
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
-        save_adapter(layers_of(model), os.path.join(args.output_dir, "adapter"), self.init_path(args), model)
+        save_adapter(layers_of(model), os.path.join(args.output_dir, ADAPTER_DIR_NAME), self.init_path(args), model)

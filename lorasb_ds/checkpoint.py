@@ -23,7 +23,6 @@ means, which settings must agree) and the stop on SIGTERM / SIGUSR1 that writes 
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -34,11 +33,11 @@ import torch
 import torch.distributed as dist
 
 from .config import ConfigError, RunConfig
+from .files import MARKER, holds_a_run, read_marker, write_marker
 
 EXIT_PREEMPTED = 75
 """Exit code of a run stopped by SIGTERM/SIGUSR1 after writing its checkpoint (resume with --resume auto)."""
 CHECKPOINTS = "checkpoints"
-MARKER = "COMPLETE"
 TAG = "state"
 _NAME = re.compile(r"^step(\d{8})$")
 
@@ -82,11 +81,6 @@ def resolve_resume(resume: str, output_dir: str) -> str | None:
     return resume
 
 
-def read_marker(path: str) -> dict:
-    with open(os.path.join(path, MARKER)) as f:
-        return json.load(f)
-
-
 def _rng_state() -> dict[str, torch.Tensor]:
     state = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -110,10 +104,7 @@ def save(engine, output_dir: str, position: Position, extra: dict, keep_last: in
     torch.save(_rng_state(), os.path.join(tmp, f"rng_rank{rank}.pt"))
     dist.barrier()
     if rank == 0:
-        with open(os.path.join(tmp, MARKER), "w") as f:
-            json.dump(dict(asdict(position), world_size=dist.get_world_size(), **extra), f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
+        write_marker(tmp, dict(asdict(position), world_size=dist.get_world_size(), **extra))
         if os.path.exists(final):  # a checkpoint of the same step from an earlier attempt
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -161,7 +152,7 @@ def check_output_dir(cfg: RunConfig) -> None:
         why = f"no write permission on '{existing}'"
     if why:
         raise ConfigError(f"train.output_dir '{out}' is not writable ({why}); choose another")
-    if os.path.exists(os.path.join(out, "run_config.json")) and not (cfg.train.resume or cfg.train.overwrite):
+    if holds_a_run(out) and not (cfg.train.resume or cfg.train.overwrite):
         raise ConfigError(f"train.output_dir '{out}' already holds a run; continue it with --resume auto, "
                           "start over with --overwrite, or choose another directory")
 

@@ -390,7 +390,7 @@ def run_eval(s: EvalSettings) -> dict | None:
     check_settings(s)
     rank, world = join_launch()
     examples = load_examples(s.task, s.data, s.limit, s.glue_task)
-    from .export import load_adapter
+    from .files import load_adapter
 
     # the files are checked before anything heavy starts; no adapter: the base model alone
     adapter_meta = load_adapter(s.adapter)[2] if s.adapter else {}

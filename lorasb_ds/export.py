@@ -1,4 +1,5 @@
-"""Export a finished LoRA-SB adapter: as a stock PEFT LoRA adapter, or merged into the base weights.
+"""Export a finished LoRA-SB adapter (the directory ``files.save_adapter`` writes): as a stock PEFT LoRA
+adapter, or merged into the base weights; or load it into a plain model (``apply_adapter``).
 
 A LoRA-SB layer computes, for x of shape (..., in),
 
@@ -37,79 +38,17 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import ConfigError
-from .files import atomic_save_file, atomic_write_text, give_default_mode
-from .init import INIT_FORMAT
+from .files import FACTORS, Adapter, atomic_save_file, atomic_write_text, give_default_mode, load_adapter
 from .layer import merged_weight
 from .methods import METHODS
 from .zero3_loading import INDEX_FILE, SINGLE_FILE, safetensors_files
 
-ADAPTER_FORMAT = "lorasb-adapter-v1"
-ADAPTER_FILE_NAME = "lorasb_adapter.safetensors"
-INIT_FILE_NAME = "lorasb_init.safetensors"
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_CONFIG_NAME = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."  # PeftModel -> LoraModel -> the causal LM
 
-Adapter = dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
-"""{module name: (B (out x r), A (r x in), R (r x r))}, CPU fp32, as trained (LoRA-SB: R trained)."""
 
-FACTORS = ("B", "A", "R")
-
-
-# --------------------------------------------------------------------------- writing and reading an adapter
-
-
-def save_adapter(adapter_dir: str, trained: dict[str, torch.Tensor], init_path: str, init_meta: dict) -> None:
-    """``adapter/lorasb_adapter.safetensors`` beside a copy of the init file (B, A, R0). Rank 0 only.
-
-    ``trained``: every trained tensor by its parameter name in the wrapped model: ``<module>.lora_R``
-    for LoRA-SB and LoRA-XS, ``<module>.lora_A``/``.lora_B`` for LoRA, every weight for ``full``.
-    """
-    os.makedirs(adapter_dir, exist_ok=True)
-    init_copy = os.path.join(adapter_dir, INIT_FILE_NAME)
-    if os.path.abspath(init_path) != os.path.abspath(init_copy):
-        shutil.copyfile(init_path, init_copy + ".tmp")
-        os.replace(init_copy + ".tmp", init_copy)
-    meta = {"format": ADAPTER_FORMAT, "init_file": INIT_FILE_NAME, "method": init_meta.get("method", "lorasb"),
-            "task": init_meta.get("task", "causal_lm"), "modules_to_save": init_meta.get("modules_to_save", []),
-            "training": init_meta.get("training", {}),
-            **{k: init_meta[k] for k in ("init_id", "model", "target_modules", "r")}}
-    atomic_save_file(trained, os.path.join(adapter_dir, ADAPTER_FILE_NAME), {"lorasb": json.dumps(meta)})
-
-
-
-
-def load_adapter(adapter_dir: str) -> tuple[Adapter, dict[str, torch.Tensor], dict]:
-    """Read ``lorasb_adapter.safetensors`` (the trained tensors) over its init file (the starting B, A, R).
-
-    Returns ``(adapter, weights, meta)``: ``adapter`` is ``{module: (B, A, R)}`` (out x r, r x in,
-    r x r; CPU fp32) with the trained factors in place of their initial values; ``weights`` holds every
-    other trained tensor by parameter name (all weights for ``method: full``); ``meta`` is the adapter's
-    metadata (``method``, ``init_id``, ``model``, ``target_modules``, ``r``, ...).
-    """
-    adapter_path = os.path.join(adapter_dir, ADAPTER_FILE_NAME)
-    meta = _read_lorasb_meta(adapter_path, ADAPTER_FORMAT, adapter_dir)
-    meta.setdefault("method", "lorasb")
-    init_path = os.path.join(adapter_dir, meta.get("init_file") or INIT_FILE_NAME)
-    init_meta = _read_lorasb_meta(init_path, INIT_FORMAT, adapter_dir)
-    if init_meta.get("init_id") != meta.get("init_id"):
-        raise ConfigError(
-            f"--adapter {adapter_dir}: init_id {meta.get('init_id')!r} of {ADAPTER_FILE_NAME} differs from "
-            f"init_id {init_meta.get('init_id')!r} of {os.path.basename(init_path)}: it was trained from other "
-            "B, A; put the init file of the same run beside the adapter"
-        )
-    trained = _read_tensors(adapter_path)
-    init = _read_tensors(init_path)
-    names = _module_names(init, adapter_dir)
-    factors = {f"{n}.lora_{m}" for n in names for m in FACTORS}
-    adapter = {n: tuple(trained.get(f"{n}.lora_{m}", init[f"{n}.lora_{m}"]) for m in FACTORS) for n in names}
-    weights = {key: t for key, t in trained.items() if key not in factors}
-    stray = [key for key in weights if ".lora_" in key]
-    if stray:
-        raise ConfigError(f"--adapter {adapter_dir}: trained tensors {stray[:3]} belong to no module of the "
-                          "init file; use the init file of the same run")
-    _check_shapes(adapter, int(meta["r"]), adapter_dir)
-    return adapter, weights, meta
+# --------------------------------------------------------------------------- loading an adapter into a model
 
 
 def apply_adapter(model: torch.nn.Module, adapter_dir: str) -> dict:
@@ -159,49 +98,6 @@ def apply_adapter(model: torch.nn.Module, adapter_dir: str) -> dict:
                 getattr(layer, f"lora_{part}").copy_(value)
     model.requires_grad_(False)
     return layers
-
-
-def _read_lorasb_meta(path: str, expected_format: str, adapter_dir: str) -> dict:
-    """The JSON under the safetensors metadata key ``lorasb``, checked to be of ``expected_format``."""
-    if not os.path.isfile(path):
-        raise ConfigError(f"--adapter {adapter_dir}: no file {os.path.basename(path)}; "
-                          "pass the adapter/ directory written by `lorasb train`")
-    try:
-        with safe_open(path, framework="pt") as f:
-            raw = (f.metadata() or {}).get("lorasb")
-    except Exception as e:  # safetensors raises its own error type for a damaged header
-        raise ConfigError(f"--adapter {adapter_dir}: {os.path.basename(path)} is not a readable safetensors "
-                          f"file ({e}); write the adapter again") from None
-    meta = json.loads(raw) if raw else {}
-    if meta.get("format") != expected_format:
-        raise ConfigError(f"--adapter {adapter_dir}: {os.path.basename(path)} has format "
-                          f"{meta.get('format')!r}, expected {expected_format!r}; "
-                          "pass the adapter/ directory written by `lorasb train`")
-    return meta
-
-
-def _read_tensors(path: str) -> dict[str, torch.Tensor]:
-    with safe_open(path, framework="pt") as f:
-        return {key: f.get_tensor(key).float().contiguous() for key in f.keys()}
-
-
-def _module_names(init: dict, adapter_dir: str) -> list[str]:
-    """Module names of the init file, sorted; each must have its B, A and R."""
-    names = sorted({key.rsplit(".lora_", 1)[0] for key in init})
-    wanted = {f"{n}.lora_{m}" for n in names for m in FACTORS}
-    if set(init) != wanted:
-        missing = sorted(wanted - set(init))[:3]
-        raise ConfigError(f"--adapter {adapter_dir}: the init file lacks {missing}; it is damaged, use the "
-                          "init file of the same run")
-    return names
-
-
-def _check_shapes(adapter: Adapter, r: int, adapter_dir: str) -> None:
-    for name, (B, A, R) in adapter.items():
-        if B.shape[1] != r or A.shape[0] != r or tuple(R.shape) != (r, r):
-            raise ConfigError(f"--adapter {adapter_dir}: '{name}' has B {tuple(B.shape)}, A {tuple(A.shape)}, "
-                              f"R {tuple(R.shape)}, not (out x {r}), ({r} x in), ({r} x {r}); the files are "
-                              "inconsistent, export again from the training run's adapter/")
 
 
 # --------------------------------------------------------------------------- PEFT export

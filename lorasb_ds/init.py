@@ -17,44 +17,28 @@ The two baselines trained by the same pipeline (``lorasb.method``):
     lora:    B = 0,  A ~ U(-1/sqrt(in), 1/sqrt(in)),  R = (alpha / r) I          (B, A trained)
 
 Then every owner broadcasts its modules in one fixed order, so all ranks hold bitwise-identical
-B, A, R. The init file (safetensors, written once by rank 0) stores them with the run's metadata;
-B and A come from data and cannot be regenerated from a seed, so a run that is given an init file
-never repeats the estimation.
+B, A, R. The init file (written once by rank 0; its format lives in files.py) stores them with the
+run's metadata; B and A come from data and cannot be regenerated from a seed, so a run that is given
+an init file never repeats the estimation.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
 import uuid
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
-from safetensors import SafetensorError, safe_open
 
-from .config import ConfigError, LoraSBConfig, RunConfig
+from .config import LoraSBConfig, RunConfig
 from .estimate import (EstimationStats, check_finite, estimate_gradients, estimation_groups, layer_shapes,
                        max_accum_bytes)
-from .files import atomic_save_file
+from .files import LayerInit, save_init_file
 from .layer import LoRASBLinear
 from .methods import METHODS
 from .modeling import builtin_name
-
-INIT_FORMAT = "lorasb-init-v1"
-
-
-@dataclass
-class LayerInit:
-    B: torch.Tensor  # (out, r) fp32
-    A: torch.Tensor  # (r, in) fp32
-    R: torch.Tensor  # (r, r) fp32
-    energy: float  # sum(S_r^2) / ||dW||_F^2
-    svd_iterations: int = 0  # TruncatedSVD.iterations of the SVD that made B, A (0: none, or exact)
-
 
 def update_from_gradient(G: torch.Tensor, update: str, lr_eff: float) -> torch.Tensor:
     """The approximated first full fine-tuning step dW (out x in, fp32)."""
@@ -288,7 +272,7 @@ def init_adapters(cfg: RunConfig, model: torch.nn.Module, layers: dict[str, LoRA
     return inits, meta, stats
 
 
-# --------------------------------------------------------------------------- init file
+# --------------------------------------------------------------------------- the init file's metadata
 
 
 def init_metadata(cfg: RunConfig) -> dict:
@@ -310,62 +294,3 @@ def library_versions() -> dict[str, str]:
 
 def new_init_id() -> str:
     return uuid.uuid4().hex
-
-
-def save_init_file(path: str, inits: dict[str, LayerInit], metadata: dict) -> None:
-    """Atomically write B, A, R per module plus ``metadata`` (JSON) as safetensors. Rank 0 only."""
-    tensors = {}
-    for name, init in inits.items():
-        tensors[f"{name}.lora_B"] = init.B.contiguous()
-        tensors[f"{name}.lora_A"] = init.A.contiguous()
-        tensors[f"{name}.lora_R"] = init.R.contiguous()
-    meta = dict(metadata, format=INIT_FORMAT, energy={n: i.energy for n, i in inits.items()},
-                svd_iterations={n: i.svd_iterations for n, i in inits.items()})
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    atomic_save_file(tensors, path, {"lorasb": json.dumps(meta)})
-
-
-def read_init_metadata(path: str) -> dict:
-    try:
-        with safe_open(path, framework="pt") as f:
-            raw = (f.metadata() or {}).get("lorasb")
-    except (OSError, SafetensorError) as e:
-        raise ConfigError(f"train.init_file {path} cannot be read as safetensors ({e}); it may be truncated: "
-                          "use a complete init file or drop train.init_file to estimate anew") from None
-    if raw is None:
-        raise ConfigError(f"train.init_file {path} is not a LoRA-SB init file (no 'lorasb' metadata)")
-    meta = json.loads(raw)
-    if meta.get("format") != INIT_FORMAT:
-        raise ConfigError(f"train.init_file {path}: format {meta.get('format')!r}, expected {INIT_FORMAT}")
-    return meta
-
-
-def check_init_metadata(path: str, meta: dict, expected: dict) -> None:
-    """The init file must come from the same model, targets and rank as this run."""
-    for key, want in expected.items():
-        if meta.get(key) != want:
-            raise ConfigError(
-                f"train.init_file {path} was made for {key} = {meta.get(key)!r}, this run has {want!r}; "
-                "use an init file of this configuration or drop train.init_file to estimate anew"
-            )
-
-
-def load_init_file(path: str, layers: dict[str, LoRASBLinear]) -> tuple[dict[str, LayerInit], dict]:
-    """Read every module's B, A, R (CPU fp32); names and shapes checked against ``layers``."""
-    meta = read_init_metadata(path)
-    inits: dict[str, LayerInit] = {}
-    with safe_open(path, framework="pt") as f:
-        keys = set(f.keys())
-        wanted = {f"{n}.lora_{m}" for n in layers for m in "BAR"}
-        if keys != wanted:
-            extra, missing = sorted(keys - wanted)[:3], sorted(wanted - keys)[:3]
-            raise ConfigError(f"train.init_file {path} does not match this model's targets "
-                              f"(missing {missing}, unexpected {extra})")
-        for name, layer in layers.items():
-            B, A, R = (f.get_tensor(f"{name}.lora_{m}").float() for m in "BAR")
-            want = [(layer.out_features, layer.r), (layer.r, layer.in_features), (layer.r, layer.r)]
-            if [tuple(B.shape), tuple(A.shape), tuple(R.shape)] != want:
-                raise ConfigError(f"train.init_file {path}: shapes of '{name}' differ from this model's")
-            inits[name] = LayerInit(B, A, R, float(meta.get("energy", {}).get(name, float("nan"))),
-                                    int(meta.get("svd_iterations", {}).get(name, 0)))
-    return inits, meta

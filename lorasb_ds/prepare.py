@@ -18,8 +18,8 @@ from .config import BatchLayout, ConfigError, RunConfig, check_precision, precis
 from .data import describe_truncation, estimation_indices, fingerprint, load_rows, split_held_out, tokenize_rows
 from .ranks import say_once, world_size_from_env  # say_once: every rank prepares the same run
 from .estimate import assign_owners, estimation_groups, max_accum_bytes
-from .export import INIT_FILE_NAME
-from .init import check_init_metadata, init_metadata, read_init_metadata
+from .files import INIT_FILE_NAME, check_init_metadata, read_init_metadata
+from .init import init_metadata
 from .layer import shape_of
 from .methods import METHODS
 from .modeling import auto_class, check_model_source, load_tokenizer, model_config_of

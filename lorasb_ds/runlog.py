@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import os
 
-from .files import atomic_write_text
+from .files import METRICS_NAME, atomic_write_text
 
 
 class Logger:
@@ -25,7 +25,7 @@ class Logger:
         """The training loss of the last logged step (every rank: it is averaged over them)."""
         if rank != 0:
             return
-        path = os.path.join(output_dir, "metrics.jsonl")
+        path = os.path.join(output_dir, METRICS_NAME)
         kept = []
         if resume_step is not None and os.path.isfile(path):
             kept = [line for line in open(path) if line.strip() and json.loads(line).get("step", 0) <= resume_step]

@@ -14,7 +14,6 @@ Every rank runs ``run``; rank 0 alone writes files and logs.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, replace
@@ -29,9 +28,9 @@ from .config import RunConfig, resolve_batch_layout
 from .data import IGNORE_INDEX, collate, eval_batches, train_batches
 from .ranks import any_rank
 from .estimate import assign_owners, layer_shapes, weighted_estimation_batches
-from .export import INIT_FILE_NAME, save_adapter
-from .files import atomic_write_text
-from .init import apply_inits, init_adapters, load_init_file
+from .files import (ADAPTER_DIR_NAME, INIT_FILE_NAME, load_init_file, save_adapter, write_run_config,
+                    write_run_summary)
+from .init import apply_inits, init_adapters
 from .layer import LoRASBLinear
 from .methods import METHODS
 from .modeling import load_model, model_dtype, num_labels_of
@@ -161,8 +160,7 @@ def build(p: Prepared) -> Session:
     layout, schedule = p.layout, p.schedule
     os.makedirs(cfg.train.output_dir, exist_ok=True)  # on every rank: nodes need not share a filesystem
     if rank == 0:
-        atomic_write_text(json.dumps({"run": cfg.to_dict(), "deepspeed": ds_config}, indent=2),
-                          os.path.join(cfg.train.output_dir, "run_config.json"))
+        write_run_config(cfg.train.output_dir, cfg.to_dict(), ds_config)
     deepspeed.runtime.utils.set_random_seed(cfg.train.seed)
 
     # ---- model, surgery, engine (the optimizer sees the trained tensors only: LoRA-SB's R matrices)
@@ -322,14 +320,14 @@ def finish(s: Session, init_path: str, init_meta: dict, summary: dict) -> None:
             final[name] = full.reshape(getattr(p, "ds_shape", p.shape))
     if s.rank == 0:
         out_dir = s.prepared.cfg.train.output_dir
-        adapter_dir = os.path.join(out_dir, "adapter")
+        adapter_dir = os.path.join(out_dir, ADAPTER_DIR_NAME)
         data = s.prepared.cfg.data
         training = {"data": f"{data.path or 'built-in arithmetic problems'} ({data.format}, {len(s.prepared.examples)} "
                             f"samples)", **{k: summary[k] for k in ("steps", "global_batch", "trainable_parameters",
                                                                      "final_loss", "best_eval_loss", "stopped_early")}}
         save_adapter(adapter_dir, final, init_path, dict(init_meta, modules_to_save=s.modules_to_save,
                                                          training=training))
-        atomic_write_text(json.dumps(summary, indent=2), os.path.join(out_dir, "run_summary.json"))
+        write_run_summary(out_dir, summary)
         print(f"[lorasb] adapter written to {adapter_dir}")
 
 

@@ -16,10 +16,10 @@ from safetensors.torch import save_file
 import lorasb_ds.train as train_module
 from conftest import REPO
 from lorasb_ds import checkpoint
-from lorasb_ds.checkpoint import MARKER
+from lorasb_ds.files import MARKER
 from lorasb_ds.cli import main
 from lorasb_ds.config import load_run_config
-from lorasb_ds.init import INIT_FORMAT
+from lorasb_ds.files import INIT_FORMAT
 
 ZERO3 = os.path.join(REPO, "ds_configs", "zero3.json")
 

@@ -138,7 +138,7 @@ def test_init_scale_bench_rescales_the_runs_R0(first_run):
     norm is proportional to lr_eff."""
     from safetensors.torch import load_file
 
-    from lorasb_ds.init import read_init_metadata
+    from lorasb_ds.files import read_init_metadata
 
     out, _ = first_run
     init = os.path.join(out, "lorasb_init.safetensors")

@@ -14,11 +14,11 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from conftest import REPO
 from lorasb_ds.cli import main as cli_main
 from lorasb_ds.config import LLAMA_TARGETS, ConfigError
-from lorasb_ds.export import export_peft, load_adapter, merge_checkpoint
-from lorasb_ds.init import LayerInit, new_init_id, save_init_file
+from lorasb_ds.export import export_peft, merge_checkpoint
+from lorasb_ds.files import LayerInit, load_adapter, save_adapter, save_init_file
+from lorasb_ds.init import new_init_id
 from lorasb_ds.modeling import tiny_llama, tiny_tokenizer
 from lorasb_ds.surgery import wrap_targets
-from lorasb_ds.export import save_adapter
 
 R = 4
 TOL = 1e-4

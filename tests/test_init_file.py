@@ -9,17 +9,9 @@ from safetensors.torch import save_file
 
 from lorasb_ds.config import LLAMA_TARGETS, ConfigError, LoraSBConfig
 from lorasb_ds.estimate import assign_owners, estimation_groups
-from lorasb_ds.init import (
-    INIT_FORMAT,
-    LayerInit,
-    check_init_metadata,
-    init_from_gradient,
-    load_init_file,
-    read_init_metadata,
-    save_init_file,
-    truncated_svd,
-    update_from_gradient,
-)
+from lorasb_ds.files import (INIT_FORMAT, LayerInit, check_init_metadata, load_init_file, read_init_metadata,
+                             save_init_file)
+from lorasb_ds.init import init_from_gradient, truncated_svd, update_from_gradient
 from lorasb_ds.modeling import tiny_llama
 from lorasb_ds.surgery import wrap_targets
 

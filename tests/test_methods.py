@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 
 from conftest import torchrun
 from lorasb_ds.config import LLAMA_TARGETS, ConfigError
-from lorasb_ds.export import (ADAPTER_FILE_NAME, INIT_FILE_NAME, apply_adapter, export_peft, load_adapter,
-                              merge_checkpoint)
+from lorasb_ds.export import apply_adapter, export_peft, merge_checkpoint
+from lorasb_ds.files import ADAPTER_FILE_NAME, INIT_FILE_NAME, load_adapter
 from lorasb_ds.modeling import tiny_llama
 
 pytestmark = pytest.mark.slow

@@ -23,7 +23,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO, torchrun, torchrun_cmd
-from lorasb_ds.checkpoint import MARKER, complete_checkpoints
+from lorasb_ds.checkpoint import complete_checkpoints
+from lorasb_ds.files import MARKER
 from test_resume import env, process_tree, step_losses
 
 pytestmark = pytest.mark.slow

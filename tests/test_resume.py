@@ -14,7 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO, free_port, torchrun, torchrun_cmd
-from lorasb_ds.checkpoint import MARKER, complete_checkpoints
+from lorasb_ds.checkpoint import complete_checkpoints
+from lorasb_ds.files import MARKER
 from lorasb_ds.checkpoint import EXIT_PREEMPTED
 
 pytestmark = pytest.mark.slow

@@ -15,7 +15,8 @@ from transformers import RobertaForMaskedLM
 
 from conftest import REPO, torchrun
 from lorasb_ds.evaluate import EvalSettings, run_eval
-from lorasb_ds.export import ADAPTER_FILE_NAME, apply_adapter, export_peft, merge_checkpoint
+from lorasb_ds.export import apply_adapter, export_peft, merge_checkpoint
+from lorasb_ds.files import ADAPTER_FILE_NAME
 from lorasb_ds.modeling import tiny_llama, tiny_roberta, tiny_roberta_config, tiny_tokenizer
 
 pytestmark = pytest.mark.slow
