@@ -6,11 +6,13 @@
 Variants, each in a fresh process group (so each memory high-water mark is its own):
 
 * ``train``: LoRA-SB training steps at the estimation micro-batch: the time and memory baseline.
-* ``owner``: ``estimate.estimate_gradients`` as the pipeline runs it (gradient taps, each module's
-  gradient reduced to its owner rank), then ``init.init_from_gradient`` for the owned modules (the
-  SVD phase) and ``init.broadcast_inits``.
+* ``owner``: ``estimate.estimate_gradients`` as the pipeline runs it (gradient taps, the local
+  gradients of each owner's modules reduced to it in buckets of ``--bucket_mb``), then
+  ``init.init_from_gradient`` for the owned modules (the SVD phase) and ``init.broadcast_inits``.
+* ``owner_per_module``: the same with every module reduced on its own (``lorasb.est_bucket_mb=0``).
 * ``allreduce``: the same taps and batches, but every rank accumulates every module's fp32 gradient
-  and all-reduces it: the approach of the reference code (and of LoRA-GA, PEFT), for comparison.
+  and all-reduces it, module by module: the approach of the reference code (and of LoRA-GA, PEFT),
+  for comparison.
 * ``owner_w1``: ``owner`` on a single rank, which then owns every module (the SVD phase unsharded).
 
 Then the SVD alone, in this process, on sign(random) matrices (the flat spectrum of a sign update, the
@@ -32,7 +34,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
-VARIANTS = ["train", "owner", "allreduce", "owner_w1"]
+VARIANTS = ["train", "owner", "owner_per_module", "allreduce", "owner_w1"]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -42,6 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=3, help="timed training steps")
     p.add_argument("--warmup", type=int, default=1, help="untimed training steps first")
     p.add_argument("--lorasb_rank", type=int, default=96)
+    p.add_argument("--bucket_mb", type=float, default=16.0, help="lorasb.est_bucket_mb of the owner variants")
     p.add_argument("--svd_wide", type=int, default=4096, help="side of the square matrix of the SVD table "
                    "beside the preset's shapes (0: none)")
     p.add_argument("--mmap_threshold", type=int, default=1 << 20,
@@ -51,28 +54,24 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def all_reduce_everywhere(layers, rank, device):
-    """An ``OwnerReducer`` in which every rank owns every module and gradients are all-reduced."""
+    """An ``OwnerReducer`` in which every rank owns every module and each module's gradient is
+    all-reduced on its own."""
     import torch.distributed as dist
 
     from lorasb_ds.estimate import OwnerReducer
 
     class AllReduceEverywhere(OwnerReducer):
-        def sink_for(self, name):
-            def sink(g, x):
-                local = g.reshape(-1, g.shape[-1]).float().T @ x.reshape(-1, x.shape[-1]).float()
-                self._in_flight.append((name, local, dist.all_reduce(local, async_op=True)))
-                while len(self._in_flight) > self.max_in_flight:
-                    self._finish_one()
-            return sink
+        def reduce(self, flat, owner):
+            return dist.all_reduce(flat, async_op=True)
 
-    return AllReduceEverywhere(layers, {name: rank for name in layers}, rank, device)
+    return AllReduceEverywhere(layers, {name: rank for name in layers}, rank, device, bucket_bytes=0)
 
 
 def worker(args, variant: str) -> dict:
     import torch
 
     from lorasb_ds.config import LoraSBConfig
-    from lorasb_ds.estimate import assign_owners, estimate_gradients, weighted_estimation_batches
+    from lorasb_ds.estimate import OwnerReducer, assign_owners, estimate_gradients, weighted_estimation_batches
     from lorasb_ds.init import apply_inits, broadcast_inits, init_from_gradient
     from lorasb_ds.surgery import wrap_targets
 
@@ -100,15 +99,18 @@ def worker(args, variant: str) -> dict:
                     torch.randint(0, args.vocab, (args.samples, args.seq), generator=gen).tolist()]
         batches = weighted_estimation_batches(examples, args.samples, args.micro_batch, rank, world, 0, 0)
         owners = assign_owners({n: (l.out_features, l.in_features) for n, l in layers.items()}, world)
-        reducer = all_reduce_everywhere(layers, rank, device) if variant == "allreduce" else None
-        grads, stats = estimate_gradients(engine.module, layers, batches, owners, device, reducer)
+        reducer = (all_reduce_everywhere(layers, rank, device) if variant == "allreduce" else
+                   OwnerReducer(layers, owners, rank, device, 0 if variant == "owner_per_module" else
+                                int(args.bucket_mb * 1e6)))
+        grads, stats = estimate_gradients(engine.module, layers, batches, owners, device, reducer=reducer)
+        result["reductions"] = reducer.reductions
         held = sum(G.numel() * G.element_size() for G in grads.values())
         result.update(micro_batches=stats.micro_batches_per_rank,
                       estimation_s=max(common.slowest([stats.seconds], device)),
                       accumulators=common.per_rank(held, device), modules=common.per_rank(len(grads), device))
         result["peak_rss_estimation"] = common.per_rank(common.peak_rss(), device)
         result["peak_gpu_estimation"] = common.per_rank(common.peak_gpu(device), device)
-        if variant != "allreduce":
+        if variant in ("owner", "owner_w1"):
             cfg = LoraSBConfig(r=args.lorasb_rank)
             index = {name: i for i, name in enumerate(layers)}
             t0, c0 = time.perf_counter(), time.process_time()
@@ -193,29 +195,35 @@ def merge(runs: list[dict]) -> dict:
 
 
 def variants(args) -> list[str]:
-    return VARIANTS if args.nproc > 1 else VARIANTS[:3]  # on one rank, owner is already unsharded
+    if args.nproc > 1:
+        return VARIANTS
+    return ["train", "owner", "allreduce"]  # on one rank, owner is already unsharded and reduces nothing
 
 
 def report(args, res: dict[str, dict]) -> dict:
     train, owner, allred, w1 = res["train"], res["owner"], res["allreduce"], res.get("owner_w1")
-    estimations = [("owner-sharded", owner), ("all-reduce everywhere", allred)]
+    per_module = res.get("owner_per_module")
+    bucketed = f"owner-sharded, {args.bucket_mb:g} MB buckets"
+    estimations = [(bucketed, owner)] + ([("owner-sharded, each module alone", per_module)] if per_module else [])
+    estimations += [("all-reduce everywhere", allred)]
     estimations += [("owner-sharded", w1)] if w1 else []
     step, n = train["step_s"], owner["micro_batches"]
     tokens = args.micro_batch * args.seq
     rows = [["training step (LoRA-SB)", train["world"], f"{step:.3f}", f"{step:.3f}", "1.00",
-             f"{tokens * train['world'] / step:,.0f}"]]
+             f"{tokens * train['world'] / step:,.0f}", "-"]]
     for label, r in estimations:
         per = r["estimation_s"] / r["micro_batches"]
         rows.append([f"estimation, {label} ({r['micro_batches']} micro-batches/rank)", r["world"],
                      f"{r['estimation_s']:.2f}", f"{per:.3f}", f"{per / step:.2f}",
-                     f"{tokens * r['world'] / per:,.0f}"])
+                     f"{tokens * r['world'] / per:,.0f}", f"{r['reductions'] / r['micro_batches']:.1f}"])
     for r in filter(None, (w1, owner)):
         modules = " / ".join(str(int(m)) for m in r["modules"])
         cpu = " / ".join(f"{x:.2f}" for x in r["svd_cpu_s"])
         rows.append([f"SVD phase (modules per rank: {modules}; CPU s per rank: {cpu})", r["world"],
-                     f"{max(r['svd_s']):.2f}", "-", "-", "-"])
-    rows.append(["broadcast of B, A, R", owner["world"], f"{owner['broadcast_s']:.2f}", "-", "-", "-"])
-    print(common.table(["phase", "ranks", "seconds", "per micro-batch s", "x training step", "tokens/s"], rows))
+                     f"{max(r['svd_s']):.2f}", "-", "-", "-", "-"])
+    rows.append(["broadcast of B, A, R", owner["world"], f"{owner['broadcast_s']:.2f}", "-", "-", "-", "-"])
+    print(common.table(["phase", "ranks", "seconds", "per micro-batch s", "x training step", "tokens/s",
+                        "reductions per micro-batch"], rows))
     print()
 
     cuda = args.device == "cuda"
@@ -244,12 +252,22 @@ def report(args, res: dict[str, dict]) -> dict:
         summary[key + ", CPU time"] = max(owner["svd_cpu_s"]) / max(w1["svd_cpu_s"])
         print(f"; {owner['world']} ranks / 1 rank: {summary[key]:.2f} (CPU time of the busiest rank: "
               f"{summary[key + ', CPU time']:.2f}; owner sharding: about 1/{owner['world']})", end="")
-    print(f"\nestimation peak - (training peak + own accumulators): {headroom / 2**20:+,.1f} MiB (target <= 0)")
+    print(f"\nestimation peak - (training peak + own accumulators): {headroom / 2**20:+,.1f} MiB (target <= one "
+          f"bucket, {args.bucket_mb * 1e6 / 2**20:,.1f} MiB)")
     if cuda:
         gpu = max(o - (t + a) for o, t, a in
                   zip(owner["peak_gpu_estimation"], train["peak_gpu"], owner["accumulators"]))
         summary["GPU: estimation peak - (training peak + accumulators), MiB"] = gpu / 2**20
         print(f"GPU: estimation peak - (training peak + own accumulators): {gpu / 2**20:+,.1f} MiB (target <= 0)")
+    versus = owner["estimation_s"] / allred["estimation_s"]
+    summary["owner-sharded / all-reduce everywhere, time per micro-batch"] = versus
+    print(f"owner-sharded ({args.bucket_mb:g} MB buckets) / all-reduce everywhere, time per micro-batch: "
+          f"{versus:.2f} (target <= 1.0)")
+    if per_module:
+        summary["buckets / each module alone, time per micro-batch"] = owner["estimation_s"] / per_module["estimation_s"]
+        print(f"owner-sharded, buckets / each module alone, time per micro-batch: "
+              f"{summary['buckets / each module alone, time per micro-batch']:.2f}; reductions "
+              f"{owner['reductions']} vs {per_module['reductions']}")
     print(f"all-reduce everywhere: peak {above / 2**20:+,.1f} MiB per rank over owner-sharded, holding "
           f"{common.mib(max(allred['accumulators']))} vs {common.mib(max(owner['accumulators']))} MiB of accumulators")
     return summary

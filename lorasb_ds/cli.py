@@ -169,6 +169,8 @@ def add_plan_parser(sub) -> None:
                         help="count the b x heads x s x s score matrices of eager attention")
     memory.add_argument("--est_max_accum_gb", type=float,
                         help="lorasb.est_max_accum_gb: most GB of fp32 accumulators per rank in one pass")
+    memory.add_argument("--est_bucket_mb", type=float, default=LoraSBConfig.est_bucket_mb,
+                        help="lorasb.est_bucket_mb: MB of local gradients reduced together (default %(default)g)")
     fit = plan.add_argument_group("the machine")
     fit.add_argument("--device_memory_gb", type=float, help="device memory per rank (GB = 1e9 bytes); when "
                      "the estimation's accumulators are what does not fit, the plan splits the estimation "
@@ -242,7 +244,7 @@ def plan(args: argparse.Namespace) -> int:
                          dtype=args.dtype, offload_param=args.offload_param,
                          gradient_checkpointing=not args.no_gradient_checkpointing,
                          est_micro_batch=args.est_micro_batch, flash_attention=not args.eager_attention,
-                         est_max_accum_gb=args.est_max_accum_gb)
+                         est_max_accum_gb=args.est_max_accum_gb, est_bucket_mb=args.est_bucket_mb)
     passes_note = ""
     if args.device_memory_gb is not None and args.est_max_accum_gb is None and check_fit(result, args.device_memory_gb):
         grouped = fewest_passes(result, args.device_memory_gb)

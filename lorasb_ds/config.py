@@ -78,6 +78,9 @@ class LoraSBConfig:
     """Most GB (10^9 bytes) of fp32 gradient accumulators a rank holds at once: the modules are split, in
     model order, into groups that fit, each estimated in its own pass over the same batches (the same
     G). Empty: every module in one pass. ``lorasb plan --device_memory_gb`` suggests a value."""
+    est_bucket_mb: float = 16.0
+    """The estimation reduces the local gradients of modules with the same owner together, in buckets
+    of this many MB (10^6 bytes); 0: each module on its own."""
     svd: str = "converged"
     """``converged`` (block Krylov, grown until the captured energy stops rising; exact on narrow
     matrices), ``randomized`` (torch.svd_lowrank, a fixed number of iterations, as the reference code)
@@ -348,6 +351,7 @@ def validate_run_config(cfg: RunConfig) -> None:
         (s.lr_eff is None or s.lr_eff > 0, f"lorasb.lr_eff must be positive or empty, got {s.lr_eff}"),
         (s.est_samples > 0, f"lorasb.est_samples must be at least 1, got {s.est_samples}"),
         (s.est_micro_batch > 0, f"lorasb.est_micro_batch must be at least 1, got {s.est_micro_batch}"),
+        (s.est_bucket_mb >= 0, f"lorasb.est_bucket_mb must be 0 or more, got {s.est_bucket_mb}"),
         (s.est_max_accum_gb is None or s.est_max_accum_gb > 0,
          f"lorasb.est_max_accum_gb must be positive or empty, got {s.est_max_accum_gb}"),
         (s.svd in ("converged", "randomized", "exact"),

@@ -15,9 +15,10 @@ Which rank does what:
 * Every rank runs the same number of micro-batches (a rank short of data runs zero-weight passes).
 * With a budget for the accumulators (``estimation_groups``) the modules are estimated group by group,
   each group in its own pass over the same micro-batches; a module's G does not depend on the grouping.
-* As each module's local gradient appears in backward, it is reduced to the owner (``dist.reduce``);
-  only the owner keeps an fp32 accumulator for the module. No rank ever holds every module's
-  gradient: per rank the memory is its own accumulators plus a few gradients in flight.
+* As the local gradients appear in backward they are gathered per owner into buckets of
+  ``lorasb.est_bucket_mb`` and each bucket is reduced to its owner in one ``dist.reduce``; only the
+  owner keeps an fp32 accumulator for the module. No rank ever holds every module's gradient: per
+  rank the memory is its own accumulators plus about two buckets (one filling, one in flight).
 
 ``G`` is the gradient of the mean of the micro-batch losses (each the mean token loss of its
 micro-batch) over all real micro-batches of all ranks.
@@ -26,7 +27,6 @@ micro-batch) over all real micro-batches of all ranks.
 from __future__ import annotations
 
 import time
-from collections import deque
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +37,7 @@ from .data import collate, estimation_batches
 from .layer import LoRASBLinear
 
 FP32 = 4
+DEFAULT_BUCKET_BYTES = 16_000_000  # lorasb.est_bucket_mb
 
 
 def estimation_groups(shapes: dict[str, tuple[int, int]], owners: dict[str, int],
@@ -96,40 +97,75 @@ class _WeightGradTap(torch.autograd.Function):
         return g, None, None
 
 
-class OwnerReducer:
-    """Receives local weight gradients during backward and reduces each to its module's owner.
+def local_weight_gradient(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """This rank's ``g^T x`` (out x in, fp32) from the output gradient g (..., out) and input x (..., in)."""
+    return g.reshape(-1, g.shape[-1]).float().T @ x.reshape(-1, x.shape[-1]).float()
 
-    Up to ``max_in_flight`` reductions run asynchronously while backward goes on; ``drain`` waits for
-    the rest. Every rank issues the reductions in the same (backward) order.
+
+class OwnerReducer:
+    """Receives local weight gradients during backward and reduces them, coalesced, to their owners.
+
+    Local gradients wait in one bucket per owner rank. When the waiting ones reach ``bucket_bytes``
+    (and at ``drain``) each owner's bucket is flattened into one tensor and reduced to that owner by
+    one asynchronous ``dist.reduce``, owners in rank order; backward goes on while it runs, and the
+    next flush first waits for it. A module larger than the bucket flushes alone; ``bucket_bytes = 0``
+    reduces every module on its own. Every rank fills and flushes identically (the backward order and
+    the shapes are the same everywhere), so the collectives match.
+
+    Memory beyond the accumulators: the waiting gradients and the flush in flight, each at most
+    ``bucket_bytes`` plus one module, and the flattened copy while a flush is made.
     """
 
     def __init__(self, layers: dict[str, LoRASBLinear], owners: dict[str, int], rank: int,
-                 device: torch.device, max_in_flight: int = 2):
-        self.owners, self.rank, self.max_in_flight = owners, rank, max_in_flight
+                 device: torch.device, bucket_bytes: int = DEFAULT_BUCKET_BYTES):
+        self.owners, self.rank, self.bucket_bytes = owners, rank, bucket_bytes
         self.grads: dict[str, torch.Tensor] = {
             name: torch.zeros(layer.out_features, layer.in_features, dtype=torch.float32, device=device)
             for name, layer in layers.items() if owners[name] == rank
         }
-        self._in_flight: deque = deque()
+        self.reductions = 0
+        """Collective calls issued so far."""
+        self._waiting: dict[int, list[tuple[str, torch.Tensor]]] = {}
+        self._waiting_bytes = 0
+        self._in_flight: list[tuple[int, list[tuple[str, torch.Size]], torch.Tensor, object]] = []
 
     def sink_for(self, name: str):
         def sink(g: torch.Tensor, x: torch.Tensor) -> None:
-            local = g.reshape(-1, g.shape[-1]).float().T @ x.reshape(-1, x.shape[-1]).float()
-            work = dist.reduce(local, dst=self.owners[name], async_op=True)
-            self._in_flight.append((name, local, work))
-            while len(self._in_flight) > self.max_in_flight:
-                self._finish_one()
+            local = local_weight_gradient(g, x)
+            self._waiting.setdefault(self.owners[name], []).append((name, local))
+            self._waiting_bytes += local.nbytes
+            if self._waiting_bytes >= self.bucket_bytes:
+                self._flush()
         return sink
 
-    def _finish_one(self) -> None:
-        name, local, work = self._in_flight.popleft()
-        work.wait()
-        if self.owners[name] == self.rank:
-            self.grads[name] += local
+    def reduce(self, flat: torch.Tensor, owner: int):
+        """Start the reduction of ``flat`` to ``owner``; returns its work handle."""
+        return dist.reduce(flat, dst=owner, async_op=True)
+
+    def _flush(self) -> None:
+        self._finish_in_flight()
+        for owner in sorted(self._waiting):
+            entries = self._waiting.pop(owner)  # dropped once flattened: a bucket's gradients live once
+            flat = torch.cat([t.reshape(-1) for _, t in entries]) if len(entries) > 1 else entries[0][1].reshape(-1)
+            self._in_flight.append((owner, [(n, t.shape) for n, t in entries], flat, self.reduce(flat, owner)))
+            self.reductions += 1
+        self._waiting_bytes = 0
+
+    def _finish_in_flight(self) -> None:
+        for owner, entries, flat, work in self._in_flight:
+            work.wait()
+            if owner != self.rank:
+                continue
+            offset = 0
+            for name, shape in entries:
+                self.grads[name] += flat[offset:offset + shape.numel()].view(shape)
+                offset += shape.numel()
+        self._in_flight = []
 
     def drain(self) -> None:
-        while self._in_flight:
-            self._finish_one()
+        """Flush what waits and wait for every reduction: the owners' ``grads`` are then complete."""
+        self._flush()
+        self._finish_in_flight()
 
 
 def weighted_estimation_batches(examples: list[dict], num_samples: int, micro_batch: int, rank: int,
@@ -177,6 +213,11 @@ def layer_shapes(layers: dict[str, LoRASBLinear]) -> dict[str, tuple[int, int]]:
     return {name: (layer.out_features, layer.in_features) for name, layer in layers.items()}
 
 
+def bucket_bytes(cfg: LoraSBConfig) -> int:
+    """``lorasb.est_bucket_mb`` in bytes."""
+    return int(cfg.est_bucket_mb * 1e6)
+
+
 def max_accum_bytes(cfg: LoraSBConfig) -> int | None:
     """``lorasb.est_max_accum_gb`` in bytes (None: no budget)."""
     return None if cfg.est_max_accum_gb is None else int(cfg.est_max_accum_gb * 1e9)
@@ -184,19 +225,20 @@ def max_accum_bytes(cfg: LoraSBConfig) -> int | None:
 
 def estimate_gradients(model: torch.nn.Module, layers: dict[str, LoRASBLinear],
                        batches: list[tuple[dict[str, torch.Tensor], float]], owners: dict[str, int],
-                       device: torch.device, reducer: OwnerReducer | None = None
-                       ) -> tuple[dict[str, torch.Tensor], EstimationStats]:
+                       device: torch.device, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+                       reducer: OwnerReducer | None = None) -> tuple[dict[str, torch.Tensor], EstimationStats]:
     """Sum of weight gradients, reduced to owners. Runs on every rank; collective.
 
     ``batches``: this rank's micro-batches as ``(batch, weight)``; the loss of each is multiplied by
     its weight (``1 / real micro-batches`` overall, 0 for a padding pass). Every rank must pass the
     same number. ``model`` is the (ZeRO-3 hooked) module of an initialized engine.
     Returns ``{name: G}`` (out x in, fp32) for the modules this rank owns.
-    ``reducer``: where the local gradients go; default ``OwnerReducer(layers, owners, ...)`` (another
+    ``bucket_bytes``: the size of the coalesced reductions (``OwnerReducer``). ``reducer``: where the
+    local gradients go; default ``OwnerReducer(layers, owners, rank, device, bucket_bytes)`` (another
     strategy with the same ``sink_for``/``drain``/``grads`` can be compared against it).
     """
     rank = dist.get_rank()
-    reducer = reducer or OwnerReducer(layers, owners, rank, device)
+    reducer = reducer or OwnerReducer(layers, owners, rank, device, bucket_bytes)
     for name, layer in layers.items():
         sink = reducer.sink_for(name)
         layer.probe = lambda y, x, _layer, sink=sink: _WeightGradTap.apply(y, x, sink)

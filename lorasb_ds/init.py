@@ -33,12 +33,13 @@ import torch
 import torch.distributed as dist
 
 from .config import LoraSBConfig, RunConfig
-from .estimate import (EstimationStats, check_finite, estimate_gradients, estimation_groups, layer_shapes,
-                       max_accum_bytes)
+from .estimate import (EstimationStats, bucket_bytes, check_finite, estimate_gradients, estimation_groups,
+                       layer_shapes, max_accum_bytes)
 from .files import LayerInit, save_init_file
 from .layer import LoRASBLinear
 from .methods import METHODS
 from .modeling import builtin_name
+
 
 def update_from_gradient(G: torch.Tensor, update: str, lr_eff: float) -> torch.Tensor:
     """The approximated first full fine-tuning step dW (out x in, fp32)."""
@@ -226,7 +227,7 @@ def init_adapters(cfg: RunConfig, model: torch.nn.Module, layers: dict[str, LoRA
     if method.estimates:  # group by group: estimate G (collective), then the owners' SVDs free it
         for group in estimation_groups(layer_shapes(layers), owners, max_accum_bytes(cfg.lorasb)):
             grads, group_stats = estimate_gradients(model, {name: layers[name] for name in group}, batches,
-                                                    owners, device)
+                                                    owners, device, bucket_bytes(cfg.lorasb))
             stats = group_stats if stats is None else stats.add(group_stats)
             check_finite(grads, group, device)
             t0 = time.perf_counter()

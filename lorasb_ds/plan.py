@@ -85,7 +85,7 @@ import torch
 import torch.nn as nn
 
 from .config import LLAMA_TARGETS, ConfigError
-from .estimate import assign_owners, estimation_groups
+from .estimate import DEFAULT_BUCKET_BYTES, assign_owners, estimation_groups
 from .layer import shape_of
 from .surgery import find_targets
 
@@ -93,7 +93,6 @@ GB = 1e9
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 FP32 = 4
 ADAM_STATES = 3  # fp32 master, first and second moment
-IN_FLIGHT = 3  # OwnerReducer: max_in_flight = 2 reductions + the gradient being computed
 DEFAULT_PREFETCH = 50_000_000  # stage3_prefetch_bucket_size in ds_configs/zero3*.json
 DEFAULT_REDUCE_BUCKET = 500_000_000  # DeepSpeed's default reduce_bucket_size (not set in ds_configs/)
 LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
@@ -299,6 +298,8 @@ class Settings:
     reduce_bucket_size: int = DEFAULT_REDUCE_BUCKET
     est_max_accum_bytes: int | None = None
     """lorasb.est_max_accum_gb in bytes; None: one estimation pass."""
+    est_bucket_bytes: int = DEFAULT_BUCKET_BYTES
+    """lorasb.est_bucket_mb in bytes."""
 
 
 @dataclass(frozen=True)
@@ -424,7 +425,7 @@ def plan_from_shape(m: ModelShape, s: Settings) -> Plan:
         reduce_bucket=s.reduce_bucket_size * p,
         owner_accumulators=tuple(FP32 * load for load in loads),
         est_passes=passes,
-        grad_in_flight=(IN_FLIGHT * FP32 * largest_target
+        grad_in_flight=(2 * (s.est_bucket_bytes + FP32 * largest_target)  # OwnerReducer: waiting + in flight
                         + FP32 * s.est_micro_batch * s.seq_len * widest_target),
         activations_full=activation_bytes(m, s.micro_batch, s.seq_len, p, False, s.flash_attention, s.r),
         activations_checkpointed=activation_bytes(m, s.micro_batch, s.seq_len, p, True, s.flash_attention, s.r),
@@ -441,12 +442,13 @@ def plan_memory(model_config, r: int, target_modules=LLAMA_TARGETS, world_size: 
                 micro_batch: int = 1, seq_len: int = 2048, dtype: str = "bf16", offload_param: bool = False,
                 gradient_checkpointing: bool = True, est_micro_batch: int | None = None,
                 flash_attention: bool = True, prefetch_bucket_size: int = DEFAULT_PREFETCH,
-                reduce_bucket_size: int = DEFAULT_REDUCE_BUCKET, est_max_accum_gb: float | None = None) -> Plan:
+                reduce_bucket_size: int = DEFAULT_REDUCE_BUCKET, est_max_accum_gb: float | None = None,
+                est_bucket_mb: float = DEFAULT_BUCKET_BYTES / 1e6) -> Plan:
     """Plan a run: builds the meta model once, then ``plan_from_shape``.
 
     ``est_micro_batch`` defaults to ``micro_batch``; ``flash_attention`` False counts eager attention's
     b * heads * s^2 score matrices; the bucket sizes are in elements (DeepSpeed's settings);
-    ``est_max_accum_gb`` as ``lorasb.est_max_accum_gb``.
+    ``est_max_accum_gb`` and ``est_bucket_mb`` as the ``lorasb`` settings of those names.
     """
     dtype_bytes(dtype)
     shape = describe_model(model_config, target_modules, r)
@@ -455,7 +457,8 @@ def plan_memory(model_config, r: int, target_modules=LLAMA_TARGETS, world_size: 
                         offload_param=offload_param, gradient_checkpointing=gradient_checkpointing,
                         flash_attention=flash_attention, prefetch_bucket_size=prefetch_bucket_size,
                         reduce_bucket_size=reduce_bucket_size,
-                        est_max_accum_bytes=None if est_max_accum_gb is None else int(est_max_accum_gb * GB))
+                        est_max_accum_bytes=None if est_max_accum_gb is None else int(est_max_accum_gb * GB),
+                        est_bucket_bytes=int(est_bucket_mb * 1e6))
     return plan_from_shape(shape, settings)
 
 
@@ -494,7 +497,8 @@ def format_plan(plan: Plan) -> str:
             if s.est_max_accum_bytes is not None else ", one pass")),
         ("(all-reduce to every rank instead, fp32)", plan.reference_accumulators,
          "the reference approach's accumulators, for comparison"),
-        ("gradients in flight, fp32", plan.grad_in_flight, f"{IN_FLIGHT} x largest out x in + fp32 g, x"),
+        ("gradients in flight, fp32", plan.grad_in_flight,
+         f"2 x ({s.est_bucket_bytes / 1e6:g} MB bucket + largest out x in) + fp32 g, x"),
         (f"activations (micro-batch {s.est_micro_batch})", plan.activations_estimation,
          "checkpointed" if s.gradient_checkpointing else "not checkpointed"),
         ("activations, training", None, ""),

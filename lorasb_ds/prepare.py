@@ -146,7 +146,8 @@ def dry_run(p: Prepared) -> dict:
         layer_plan = plan_memory(model_config_of(cfg), cfg.lorasb.r, cfg.lorasb.target_modules, layout.world_size,
                                  layout.micro_batch, cfg.data.max_length, precision(p.ds_config),
                                  bool(zero.get("offload_param")), cfg.model.gradient_checkpointing,
-                                 cfg.lorasb.est_micro_batch, **buckets, est_max_accum_gb=cfg.lorasb.est_max_accum_gb)
+                                 cfg.lorasb.est_micro_batch, **buckets, est_max_accum_gb=cfg.lorasb.est_max_accum_gb,
+                                 est_bucket_mb=cfg.lorasb.est_bucket_mb)
         text += "\n" + format_plan(layer_plan)
     say_once(text)  # every rank computed the same plan
     return summary

@@ -101,6 +101,7 @@ def test_batch_triple_that_does_not_match_the_world_size(tmp_path, capsys, monke
     ("lorasb.target_modules=q_proj,query_key_value", "['query_key_value'] match no module"),
     ("lorasb.target_modules=input_layernorm", "is a LlamaRMSNorm, not a torch.nn.Linear"),
     ("lorasb.est_max_accum_gb=0.00001", "lorasb.est_max_accum_gb = 1e-05 is below the fp32 accumulator of"),
+    ("lorasb.est_bucket_mb=-1", "lorasb.est_bucket_mb must be 0 or more, got -1"),
 ])
 def test_bad_targets_are_found_from_the_config_alone(tmp_path, capsys, override, needle):
     assert needle in fails(capsys, override, out=tmp_path / "o")

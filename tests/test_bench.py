@@ -55,13 +55,13 @@ def test_estimation_prints_its_tables_and_shards_the_accumulators(tmp_path):
                             "--lorasb_rank", str(R), "--svd_wide", "256")
     rows = table_rows(stdout)
     assert rows[0] == "phase" and rows[1] == "training step (LoRA-SB)"
-    assert [r.split(" (")[0] for r in rows[2:5]] == ["estimation, owner-sharded", "estimation, all-reduce everywhere",
-                                                    "estimation, owner-sharded"]
-    assert [r.split(";")[0] for r in rows[5:8]] == ["SVD phase (modules per rank: 14", "SVD phase (modules per "
+    estimations = ["estimation, owner-sharded, 16 MB buckets", "estimation, owner-sharded, each module alone",
+                   "estimation, all-reduce everywhere", "estimation, owner-sharded"]
+    assert [r.split(" (")[0] for r in rows[2:6]] == estimations
+    assert [r.split(";")[0] for r in rows[6:9]] == ["SVD phase (modules per rank: 14", "SVD phase (modules per "
                                                     "rank: 7 / 7", "broadcast of B, A, R"]
-    assert rows[8:13] == ["variant", "training (LoRA-SB)", "estimation, owner-sharded",
-                          "estimation, all-reduce everywhere", "estimation, owner-sharded"]
-    assert rows[13:] == ["shape", "32 x 64", "64 x 64", "64 x 128", "128 x 64", "256 x 256"]
+    assert rows[9:15] == ["variant", "training (LoRA-SB)"] + estimations
+    assert rows[15:] == ["shape", "32 x 64", "64 x 64", "64 x 128", "128 x 64", "256 x 256"]
     svd = {tuple(row["shape"]): row for row in figures["svd"]}
     assert all(row["converged"]["ratio"] >= 0.995 for row in svd.values())
     assert svd[(64, 64)]["converged"]["iterations"] == 0  # narrow: exact
@@ -74,4 +74,8 @@ def test_estimation_prints_its_tables_and_shards_the_accumulators(tmp_path):
     assert allreduce["accumulators"] == [4 * TARGET_WEIGHTS] * 2  # every G on every rank
     assert single["accumulators"] == [4 * TARGET_WEIGHTS]
     assert sorted(owner["modules"]) == [7, 7] and single["modules"] == [14]
+    # 14 modules: one reduce each when alone; in buckets, one per owner per micro-batch (all fit one bucket)
+    assert res["owner_per_module"]["reductions"] == 2 * 14 and owner["reductions"] == 2 * 2
+    assert allreduce["reductions"] == 2 * 14
+    assert "owner-sharded (16 MB buckets) / all-reduce everywhere, time per micro-batch: " in stdout
     assert "estimation per micro-batch / training step" in stdout and "SVD phase / estimation" in stdout

@@ -7,6 +7,7 @@ the checks below compare them with an independent plain-torch computation in thi
 """
 
 import json
+import math
 import os
 
 import pytest
@@ -145,6 +146,20 @@ def test_estimation_in_groups_gives_the_same_G_bitwise(run):
     for report in reports:
         assert report["estimation_groups"] >= 3
         assert report["grouped_G_bitwise_equal"] is True
+
+
+def test_coalesced_reductions_give_the_same_G_bitwise_in_fewer_calls(run):
+    """lorasb.est_bucket_mb: local gradients of one owner reduced together, bucket by bucket."""
+    world, _, reports, _, _ = run
+    for report in reports:
+        assert report["bucketed_G_bitwise_equal"] == {"per_module": True, "two_modules": True, "default": True}
+        calls = report["reductions"]
+        micro_batches, modules = len(report["estimation_batches"]), len(report["owners"])
+        assert calls["per_module"] == micro_batches * modules
+        # a flush holds at most a bucket (2 x the largest module) plus the module that filled it
+        total, largest = sum(report["module_bytes"].values()), max(report["module_bytes"].values())
+        assert micro_batches * math.ceil(total / (3 * largest)) <= calls["two_modules"] < micro_batches * modules
+        assert calls["default"] == micro_batches * world  # the whole model fits one bucket per owner
 
 
 def test_default_svd_captures_the_exact_energy(run):

@@ -15,7 +15,8 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 from lorasb_ds.config import load_run_config
-from lorasb_ds.estimate import estimate_gradients, estimation_groups, layer_shapes, weighted_estimation_batches
+from lorasb_ds.estimate import (OwnerReducer, bucket_bytes, estimate_gradients, estimation_groups, layer_shapes,
+                                weighted_estimation_batches)
 from lorasb_ds.init import apply_inits, broadcast_inits, init_from_gradient
 from lorasb_ds.prepare import prepare
 from lorasb_ds.runlog import Logger
@@ -63,6 +64,18 @@ for group in groups:
 report["estimation_groups"] = len(groups)
 report["grouped_G_bitwise_equal"] = (grouped.keys() == grads.keys()
                                      and all(torch.equal(grouped[n], grads[n]) for n in grads))
+
+# The same estimation with each module reduced on its own, and with buckets of about two modules: the
+# coalesced reductions must give bitwise the same G, in fewer collective calls.
+report["reductions"], report["bucketed_G_bitwise_equal"] = {}, {}
+report["module_bytes"] = {n: 4 * o * i for n, (o, i) in shapes.items()}
+for label, size in (("per_module", 0), ("two_modules", 2 * 4 * max(o * i for o, i in shapes.values())),
+                    ("default", bucket_bytes(cfg.lorasb))):
+    reducer = OwnerReducer(s.layers, s.owners, rank, s.device, size)
+    again, _ = estimate_gradients(s.engine.module, s.layers, batches, s.owners, s.device, reducer=reducer)
+    report["reductions"][label] = reducer.reductions
+    report["bucketed_G_bitwise_equal"][label] = (again.keys() == grads.keys()
+                                                 and all(torch.equal(again[n], grads[n]) for n in grads))
 local = {n: init_from_gradient(G, cfg.lorasb, s.prepared.schedule.lr_eff, cfg.train.seed + names.index(n))
          for n, G in grads.items()}
 inits = broadcast_inits(s.layers, local, s.owners, s.device)
