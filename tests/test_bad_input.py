@@ -7,6 +7,7 @@ exit 2 with a message naming the setting, and the tripwire must not fire.
 
 import json
 import os
+import tempfile
 import time
 
 import pytest
@@ -16,20 +17,23 @@ from safetensors.torch import save_file
 import lorasb_ds.train as train_module
 from conftest import REPO
 from lorasb_ds import checkpoint
-from lorasb_ds.files import MARKER
 from lorasb_ds.cli import main
 from lorasb_ds.config import load_run_config
-from lorasb_ds.files import INIT_FORMAT
+from lorasb_ds.files import INIT_FORMAT, MARKER
 
 ZERO3 = os.path.join(REPO, "ds_configs", "zero3.json")
 
 
 @pytest.fixture(autouse=True)
-def tripwire(monkeypatch):
+def tripwire(monkeypatch, tmp_path):
     def heavy_work(*args, **kwargs):
         raise AssertionError("heavy work started (process group / model loading)")
 
     monkeypatch.setattr(train_module, "build", heavy_work)
+    # A case that sets a launcher's variables prints its error once per launch (ranks.first_to_say): the
+    # launch is this process's parent, the same for every run of the suite from one shell, so the marks
+    # of what was said go to this case's own folder instead of the shared temporary one.
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)
 
