@@ -62,8 +62,8 @@ class LoraSBConfig:
     """Dropout on the adapter's input (the base path never sees it)."""
     fuse_projections: bool = False
     """Targets that read one input (q/k/v, gate/up) compute their ``x A^T`` in one matmul (frozen A and
-    no dropout only; the result is the same). Off by default: on 2 CPU ranks it was 7% slower per step
-    (bench/README.md); for GPUs, ``bench/gpu_check.sh`` times both."""
+    no dropout only; the result is the same). Off by default: on 2 CPU ranks it was 2-13% slower per
+    step at three model shapes (bench/README.md); for GPUs, ``bench/gpu_check.sh`` times both."""
     update: str = "sign"
     """Approximation of the first full fine-tuning update: ``sign`` (-lr_eff*sign(G), Adam's first
     step) or ``sgd`` (-lr_eff*G)."""
