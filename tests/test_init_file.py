@@ -21,8 +21,9 @@ def randn(*shape, seed=0, dtype=torch.float32):
 
 
 def best_rank_r(M: torch.Tensor, r: int) -> torch.Tensor:
-    U, S, Vh = torch.linalg.svd(M, full_matrices=False)
-    return U[:, :r] @ torch.diag(S[:r]) @ Vh[:r]
+    """The best rank-r approximation of M, from an SVD in fp64 (an fp32 SVD is itself off by ~1e-5)."""
+    U, S, Vh = torch.linalg.svd(M.double(), full_matrices=False)
+    return (U[:, :r] @ torch.diag(S[:r]) @ Vh[:r]).to(M.dtype)
 
 
 def projector(Q: torch.Tensor) -> torch.Tensor:
@@ -109,10 +110,13 @@ def test_converged_svd_captures_the_exact_energy_of_random_signs(shape):
 def test_converged_svd_with_a_gap_stops_early_and_narrow_matrices_are_exact():
     dW, _, _ = low_rank_plus_noise(out=400, inn=300)
     assert truncated_svd(dW, 4, LoraSBConfig(r=4, svd_oversample=4), seed=0).iterations <= 3
-    narrow = randn(150, 300)  # 150 <= 8 blocks of r + oversample: the exact SVD is the cheap one
-    U, S, V, iterations = truncated_svd(narrow, 8, LoraSBConfig(r=8), seed=0)
-    assert iterations == 0
-    torch.testing.assert_close(U @ torch.diag(S) @ V.T, best_rank_r(narrow, 8), rtol=1e-4, atol=1e-5)
+    narrow = randn(150, 300)  # 150 <= 8 blocks of r + oversample: the exact subspace is the cheap one
+    for M in (narrow, narrow.T):  # from the Gram matrix of the shorter side, either way round
+        U, S, V, iterations = truncated_svd(M, 8, LoraSBConfig(r=8), seed=0)
+        assert iterations == 0
+        torch.testing.assert_close(U @ torch.diag(S) @ V.T, best_rank_r(M, 8), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(U.T @ U, torch.eye(8), atol=1e-5, rtol=0)
+        torch.testing.assert_close(V.T @ V, torch.eye(8), atol=1e-5, rtol=0)
 
 
 def test_converged_svd_of_a_rank_deficient_matrix_is_orthonormal():
