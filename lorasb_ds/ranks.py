@@ -552,8 +552,26 @@ def init_distributed(timeout_minutes: float) -> tuple[int, int, torch.device]:
                                timeout=timedelta(minutes=timeout_minutes), verbose=False)
     if accelerator.device_name() != "cpu":
         accelerator.set_device(layout.local_rank)
+    else:
+        release_shm_buffer(layout)
     device = torch.device(accelerator.current_device_name())
     return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
+
+
+def release_shm_buffer(layout: RankLayout) -> None:
+    """Remove the name of this rank's DeepSpeed CPU all-reduce buffer from /dev/shm. Collective.
+
+    When every rank is on one host, DeepSpeed's CPU backend gives each rank a shared-memory buffer
+    (``deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>``, 66 MB) that every rank maps while the
+    process group starts, and never removes its name: each run would leave its buffers in /dev/shm,
+    in memory, until the machine restarts. Once every rank has started (the barrier), the names are no
+    longer needed; the mappings live on until the processes end."""
+    torch.distributed.barrier()
+    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{layout.master_addr}_{layout.master_port}_{layout.rank}"
+    try:
+        os.unlink(os.path.join("/dev/shm", name))
+    except OSError:  # not created (ranks on several hosts), or no /dev/shm
+        pass
 
 
 def join_launch() -> tuple[int, int]:

@@ -27,11 +27,27 @@ def metrics(out):
     return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
 
 
+def shm_buffers() -> set[str]:
+    """DeepSpeed's CPU all-reduce buffers in /dev/shm."""
+    return {f for f in os.listdir("/dev/shm") if f.startswith("deepspeed_allreduce_buffer_")}
+
+
+LEFT_IN_SHM: dict[str, set[str]] = {}
+
+
 @pytest.fixture(scope="module")
 def first_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("e2e")
+    before = shm_buffers()
     proc = deepspeed_train(out)
+    LEFT_IN_SHM["first_run"] = shm_buffers() - before
     return out, proc
+
+
+def test_a_run_leaves_no_shared_memory_behind(first_run):
+    """The deepspeed runner starts both ranks on this host, so DeepSpeed maps a 66 MB buffer per rank in
+    /dev/shm; a run that left them there would hold that memory until the machine restarts."""
+    assert LEFT_IN_SHM["first_run"] == set()
 
 
 def test_default_run_estimates_trains_and_writes_the_adapter(first_run):
