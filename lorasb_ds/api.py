@@ -22,8 +22,7 @@ import torch.distributed as dist
 
 from .config import ConfigError, LoraSBConfig, ModelConfig, RunConfig, TrainConfig
 from .estimate import assign_owners, layer_shapes
-from .files import ADAPTER_DIR_NAME, INIT_FILE_NAME, LayerInit, read_init_metadata
-from .files import save_adapter as write_adapter_files
+from .files import ADAPTER_DIR_NAME, LayerInit, own_init_file, read_init_metadata, save_adapter as write_adapter_files
 from .init import apply_inits, init_adapters
 from .layer import LoRASBLinear
 from .surgery import wrap_targets
@@ -135,7 +134,7 @@ class LoraSBCallback(TrainerCallback):
         self.estimations = 0
 
     def init_path(self, args) -> str:
-        return os.path.join(args.output_dir, INIT_FILE_NAME)
+        return own_init_file(args.output_dir)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if self.estimations:

@@ -37,7 +37,14 @@ from .data import collate, estimation_batches
 from .layer import LoRASBLinear
 
 FP32 = 4
-DEFAULT_BUCKET_BYTES = 16_000_000  # lorasb.est_bucket_mb
+
+
+def bucket_bytes(est_bucket_mb: float) -> int:
+    """``lorasb.est_bucket_mb`` in bytes."""
+    return int(est_bucket_mb * 1e6)
+
+
+DEFAULT_BUCKET_BYTES = bucket_bytes(LoraSBConfig.est_bucket_mb)
 
 
 def estimation_groups(shapes: dict[str, tuple[int, int]], owners: dict[str, int],
@@ -211,11 +218,6 @@ class EstimationStats:
 def layer_shapes(layers: dict[str, LoRASBLinear]) -> dict[str, tuple[int, int]]:
     """{name: (out, in)} of the wrapped layers, in model order."""
     return {name: (layer.out_features, layer.in_features) for name, layer in layers.items()}
-
-
-def bucket_bytes(cfg: LoraSBConfig) -> int:
-    """``lorasb.est_bucket_mb`` in bytes."""
-    return int(cfg.est_bucket_mb * 1e6)
 
 
 def max_accum_bytes(cfg: LoraSBConfig) -> int | None:

@@ -91,6 +91,16 @@ def give_default_mode(*paths: str) -> None:
 # --------------------------------------------------------------------------- run config, summary, marker
 
 
+def own_init_file(output_dir: str) -> str:
+    """Where a run keeps the init file it estimates itself (``train.init_file`` unset)."""
+    return os.path.join(output_dir, INIT_FILE_NAME)
+
+
+def is_own_init_file(path: str, output_dir: str) -> bool:
+    """``path`` is the init file the run in ``output_dir`` estimated (not one it was given)."""
+    return os.path.abspath(path) == os.path.abspath(own_init_file(output_dir))
+
+
 def write_run_config(output_dir: str, run: dict, ds_config: dict) -> None:
     """``run_config.json``: the resolved run settings and the DeepSpeed config. Rank 0 only."""
     atomic_write_text(json.dumps({"run": run, "deepspeed": ds_config}, indent=2),

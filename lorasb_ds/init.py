@@ -241,7 +241,7 @@ def init_adapters(cfg: RunConfig, model: torch.nn.Module, layers: dict[str, LoRA
     if method.estimates:  # group by group: estimate G (collective), then the owners' SVDs free it
         for group in estimation_groups(layer_shapes(layers), owners, max_accum_bytes(cfg.lorasb)):
             grads, group_stats = estimate_gradients(model, {name: layers[name] for name in group}, batches,
-                                                    owners, device, bucket_bytes(cfg.lorasb))
+                                                    owners, device, bucket_bytes(cfg.lorasb.est_bucket_mb))
             stats = group_stats if stats is None else stats.add(group_stats)
             check_finite(grads, group, device)
             t0 = time.perf_counter()

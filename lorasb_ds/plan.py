@@ -84,8 +84,8 @@ from dataclasses import dataclass, field, replace
 import torch
 import torch.nn as nn
 
-from .config import LLAMA_TARGETS, ConfigError
-from .estimate import DEFAULT_BUCKET_BYTES, assign_owners, estimation_groups
+from .config import LLAMA_TARGETS, ConfigError, LoraSBConfig
+from .estimate import DEFAULT_BUCKET_BYTES, assign_owners, bucket_bytes, estimation_groups
 from .layer import shape_of
 from .surgery import find_targets
 
@@ -443,7 +443,7 @@ def plan_memory(model_config, r: int, target_modules=LLAMA_TARGETS, world_size: 
                 gradient_checkpointing: bool = True, est_micro_batch: int | None = None,
                 flash_attention: bool = True, prefetch_bucket_size: int = DEFAULT_PREFETCH,
                 reduce_bucket_size: int = DEFAULT_REDUCE_BUCKET, est_max_accum_gb: float | None = None,
-                est_bucket_mb: float = DEFAULT_BUCKET_BYTES / 1e6) -> Plan:
+                est_bucket_mb: float = LoraSBConfig.est_bucket_mb) -> Plan:
     """Plan a run: builds the meta model once, then ``plan_from_shape``.
 
     ``est_micro_batch`` defaults to ``micro_batch``; ``flash_attention`` False counts eager attention's
@@ -458,7 +458,7 @@ def plan_memory(model_config, r: int, target_modules=LLAMA_TARGETS, world_size: 
                         flash_attention=flash_attention, prefetch_bucket_size=prefetch_bucket_size,
                         reduce_bucket_size=reduce_bucket_size,
                         est_max_accum_bytes=None if est_max_accum_gb is None else int(est_max_accum_gb * GB),
-                        est_bucket_bytes=int(est_bucket_mb * 1e6))
+                        est_bucket_bytes=bucket_bytes(est_bucket_mb))
     return plan_from_shape(shape, settings)
 
 

@@ -18,7 +18,7 @@ from .config import BatchLayout, ConfigError, RunConfig, check_precision, precis
 from .data import describe_truncation, estimation_indices, fingerprint, load_rows, split_held_out, tokenize_rows
 from .ranks import say_once, world_size_from_env  # say_once: every rank prepares the same run
 from .estimate import assign_owners, estimation_groups, max_accum_bytes
-from .files import INIT_FILE_NAME, check_init_metadata, read_init_metadata
+from .files import check_init_metadata, is_own_init_file, own_init_file, read_init_metadata
 from .init import init_metadata
 from .layer import shape_of
 from .methods import METHODS
@@ -67,8 +67,8 @@ def prepare(cfg: RunConfig, ds_config: dict) -> Prepared:
     init_file = cfg.train.init_file
     if marker is not None:  # B and A come from the run's own init file: never estimated again
         init_file = marker["init_file"]
-    elif cfg.train.resume and os.path.isfile(os.path.join(cfg.train.output_dir, INIT_FILE_NAME)):
-        init_file = os.path.join(cfg.train.output_dir, INIT_FILE_NAME)  # killed before its first checkpoint
+    elif cfg.train.resume and os.path.isfile(own_init_file(cfg.train.output_dir)):
+        init_file = own_init_file(cfg.train.output_dir)  # killed before its first checkpoint
     cfg.train.init_file = init_file
     check_model_source(cfg.model)
     layout = resolve_batch_layout(ds_config, world_size_from_env())
@@ -92,9 +92,8 @@ def prepare(cfg: RunConfig, ds_config: dict) -> Prepared:
         if marker is not None and meta.get("init_id") != marker["init_id"]:
             raise ConfigError(f"--resume {resume_from}: its init file {init_file} was replaced since; "
                               "restore it or start a new run")
-        estimated_here = os.path.abspath(init_file) == os.path.abspath(
-            os.path.join(cfg.train.output_dir, INIT_FILE_NAME))
-        if cfg.train.resume and estimated_here and meta.get("data_fingerprint") != data_fingerprint:
+        same_data = meta.get("data_fingerprint") == data_fingerprint
+        if cfg.train.resume and is_own_init_file(init_file, cfg.train.output_dir) and not same_data:
             raise ConfigError(f"--resume: the estimation data differ from those that made {init_file} "
                               "(the data file changed?); resume with the original data or start a new run")
     for monitor, folder in (("tensorboard", "tensorboard"), ("csv_monitor", "csv")):  # in the run's folder

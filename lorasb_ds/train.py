@@ -28,8 +28,8 @@ from .config import RunConfig, resolve_batch_layout
 from .data import IGNORE_INDEX, collate, eval_batches, train_batches
 from .ranks import any_rank
 from .estimate import assign_owners, layer_shapes, weighted_estimation_batches
-from .files import (ADAPTER_DIR_NAME, INIT_FILE_NAME, load_init_file, save_adapter, write_run_config,
-                    write_run_summary)
+from .files import (ADAPTER_DIR_NAME, is_own_init_file, load_init_file, own_init_file, save_adapter,
+                    write_run_config, write_run_summary)
 from .init import apply_inits, init_adapters
 from .layer import LoRASBLinear
 from .methods import METHODS
@@ -82,7 +82,7 @@ def run(cfg: RunConfig, ds_config: dict, dry: bool = False) -> dict:
         init_path = cfg.train.init_file
         inits, init_meta = load_init_file(init_path, s.layers)  # checked in prepare()
     else:
-        init_path = os.path.join(out_dir, INIT_FILE_NAME)
+        init_path = own_init_file(out_dir)
         batches = [] if not METHODS[cfg.lorasb.method].estimates else weighted_estimation_batches(
             prepared.examples, cfg.lorasb.est_samples, cfg.lorasb.est_micro_batch, s.rank, s.world, cfg.train.seed,
             prepared.tokenizer.pad_token_id)
@@ -123,8 +123,7 @@ def run(cfg: RunConfig, ds_config: dict, dry: bool = False) -> dict:
     # ---- the adapter and the summary (train.keep_best: from the checkpoint of the best validation loss)
     if cfg.train.keep_best and position.best_step not in (None, position.step):
         checkpoint.load(s.engine, checkpoint.checkpoint_path(out_dir, position.best_step))
-    estimated_by_this_run = METHODS[cfg.lorasb.method].estimates and (
-        os.path.abspath(init_path) == os.path.abspath(os.path.join(out_dir, INIT_FILE_NAME)))
+    estimated_by_this_run = METHODS[cfg.lorasb.method].estimates and is_own_init_file(init_path, out_dir)
     summary = {
         "method": cfg.lorasb.method, "steps": position.step, "world_size": s.world,
         "global_batch": prepared.layout.global_batch,

@@ -70,7 +70,7 @@ report["grouped_G_bitwise_equal"] = (grouped.keys() == grads.keys()
 report["reductions"], report["bucketed_G_bitwise_equal"] = {}, {}
 report["module_bytes"] = {n: 4 * o * i for n, (o, i) in shapes.items()}
 for label, size in (("per_module", 0), ("two_modules", 2 * 4 * max(o * i for o, i in shapes.values())),
-                    ("default", bucket_bytes(cfg.lorasb))):
+                    ("default", bucket_bytes(cfg.lorasb.est_bucket_mb))):
     reducer = OwnerReducer(s.layers, s.owners, rank, s.device, size)
     again, _ = estimate_gradients(s.engine.module, s.layers, batches, s.owners, s.device, reducer=reducer)
     report["reductions"][label] = reducer.reductions
