@@ -34,6 +34,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
+from lorasb_ds.config import LoraSBConfig  # noqa: E402
+
 VARIANTS = ["train", "owner", "owner_per_module", "allreduce", "owner_w1"]
 
 
@@ -44,7 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=3, help="timed training steps")
     p.add_argument("--warmup", type=int, default=1, help="untimed training steps first")
     p.add_argument("--lorasb_rank", type=int, default=96)
-    p.add_argument("--bucket_mb", type=float, default=16.0, help="lorasb.est_bucket_mb of the owner variants")
+    p.add_argument("--bucket_mb", type=float, default=LoraSBConfig.est_bucket_mb,
+                   help="lorasb.est_bucket_mb of the owner variants (default %(default)g)")
     p.add_argument("--svd_wide", type=int, default=4096, help="side of the square matrix of the SVD table "
                    "beside the preset's shapes (0: none)")
     p.add_argument("--mmap_threshold", type=int, default=1 << 20,
@@ -71,7 +74,8 @@ def worker(args, variant: str) -> dict:
     import torch
 
     from lorasb_ds.config import LoraSBConfig
-    from lorasb_ds.estimate import OwnerReducer, assign_owners, estimate_gradients, weighted_estimation_batches
+    from lorasb_ds.estimate import (OwnerReducer, assign_owners, bucket_bytes, estimate_gradients,
+                                    weighted_estimation_batches)
     from lorasb_ds.init import apply_inits, broadcast_inits, init_from_gradient
     from lorasb_ds.surgery import wrap_targets
 
@@ -101,7 +105,7 @@ def worker(args, variant: str) -> dict:
         owners = assign_owners({n: (l.out_features, l.in_features) for n, l in layers.items()}, world)
         reducer = (all_reduce_everywhere(layers, rank, device) if variant == "allreduce" else
                    OwnerReducer(layers, owners, rank, device, 0 if variant == "owner_per_module" else
-                                int(args.bucket_mb * 1e6)))
+                                bucket_bytes(args.bucket_mb)))
         grads, stats = estimate_gradients(engine.module, layers, batches, owners, device, reducer=reducer)
         result["reductions"] = reducer.reductions
         held = sum(G.numel() * G.element_size() for G in grads.values())
@@ -201,6 +205,8 @@ def variants(args) -> list[str]:
 
 
 def report(args, res: dict[str, dict]) -> dict:
+    from lorasb_ds.estimate import bucket_bytes
+
     train, owner, allred, w1 = res["train"], res["owner"], res["allreduce"], res.get("owner_w1")
     per_module = res.get("owner_per_module")
     bucketed = f"owner-sharded, {args.bucket_mb:g} MB buckets"
@@ -253,7 +259,7 @@ def report(args, res: dict[str, dict]) -> dict:
         print(f"; {owner['world']} ranks / 1 rank: {summary[key]:.2f} (CPU time of the busiest rank: "
               f"{summary[key + ', CPU time']:.2f}; owner sharding: about 1/{owner['world']})", end="")
     print(f"\nestimation peak - (training peak + own accumulators): {headroom / 2**20:+,.1f} MiB (target <= one "
-          f"bucket, {args.bucket_mb * 1e6 / 2**20:,.1f} MiB)")
+          f"bucket, {bucket_bytes(args.bucket_mb) / 2**20:,.1f} MiB)")
     if cuda:
         gpu = max(o - (t + a) for o, t, a in
                   zip(owner["peak_gpu_estimation"], train["peak_gpu"], owner["accumulators"]))
