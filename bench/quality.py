@@ -23,7 +23,7 @@ What it does:
    validation split; the best strict accuracy wins (ties: flexible accuracy, then final training loss).
    The test split plays no part in the choice. The other seeds are trained at the chosen lr.
 5. **Test**: every kept run (and the base model) by ``lorasb eval --task gsm8k`` on the test split and
-   on test_seen: strict (the number after the last ``####`` or ``The answer is:``) and flexible (the last
+   on test_seen (both in one launch): strict (the number after the last ``####`` or ``The answer is:``) and flexible (the last
    number). The test split measures carrying the arithmetic to unseen stories, test_seen learning it in
    the stories trained on.
 6. **Cache**: each finished run's results go to ``--results/runs/NAME.json`` as soon as they exist,
@@ -259,47 +259,59 @@ class Study:
         log(f"  {name}: final loss {run['final_loss']:.4f}, {run['trainable']:,} trained, {seconds:.0f} s")
         return run
 
-    def evaluate(self, run: dict, split: str) -> dict | None:
-        """Score ``run`` (or the base model when ``run["method"] == "base"``) on ``split``; cached in the run's
-        record under ``split``. Returns the summary, or None when the evaluation failed."""
-        if split in run and (split != "test_seen" or run[split].get("data") == self.test_seen_digest):
-            return run[split]
+    def scored(self, run: dict, split: str) -> bool:
+        """Whether ``run``'s record holds a valid score on ``split``."""
+        return split in run and (split != "test_seen" or run[split].get("data") == self.test_seen_digest)
+
+    def evaluate(self, run: dict, splits: tuple[str, ...]) -> dict[str, dict | None]:
+        """Score ``run`` (or the base model when ``run["method"] == "base"``) on each of ``splits``: the ones not
+        cached yet in one launch. Returns each split's summary, or None where the evaluation failed."""
+        todo = [split for split in splits if not self.scored(run, split)]
         a = self.args
-        if a.report_only:
-            return None
+        if todo and not a.report_only:
+            self._score(run, todo)
+        return {split: run[split] if self.scored(run, split) else None for split in splits}
+
+    def _score(self, run: dict, splits: list[str]) -> None:
+        """One ``lorasb eval`` launch scoring ``run`` on ``splits``; the scores go to the run's record."""
+        a = self.args
         if run["method"] != "base" and not os.path.isdir(os.path.join(REPO, run["output_dir"], "adapter")):
             # a run cached in an earlier sitting whose outputs are gone (another machine): train it again
-            log(f"  {run['name']}: its adapter is gone; training it again to score it on {split}")
+            log(f"  {run['name']}: its adapter is gone; training it again to score it on {', '.join(splits)}")
             fresh = self.train(run["method"], run["lr"], run["seed"], again=True)
             fresh.update({k: run[k] for k in ("validation", "test", "test_seen") if k in run})
             run.clear()
             run.update(fresh)  # in place: the caller's record is this one
             self.store(run)
             if run["status"] != "ok":
-                return None
-        rows = a.val_rows if split == "validation" else a.test_rows
-        out = rel(os.path.join(a.workdir, "eval", f"{run['name']}_{split}"))
-        args = ["--task", "gsm8k", "--data", self.split[split], "--model", self.model, "--out", out,
-                "--prompt_template", "chat", "--max_new_tokens", str(a.max_new_tokens),
+                return
+        # --limit is one for the launch: the validation rows go alone (the lr choice comes before the tests)
+        rows = a.val_rows if splits == ["validation"] else a.test_rows
+        outs = [rel(os.path.join(a.workdir, "eval", f"{run['name']}_{split}")) for split in splits]
+        args = ["--task", "gsm8k", "--data", *(self.split[split] for split in splits), "--model", self.model,
+                "--out", *outs, "--prompt_template", "chat", "--max_new_tokens", str(a.max_new_tokens),
                 "--batch_size", str(a.eval_batch), "--limit", str(rows)]
         if run["method"] != "base":
             args += ["--adapter", os.path.join(run["output_dir"], "adapter")]
-        log_path = os.path.join(a.workdir, "logs", f"eval_{run['name']}_{split}.log")
+        what = f"{run['name']} on {', '.join(splits)}"
+        log_path = os.path.join(a.workdir, "logs", f"eval_{run['name']}_{'+'.join(splits)}.log")
         rc, seconds = launch("launch/evaluate.py", args, a.nproc, log_path)
         if rc != 0:
-            log(f"  eval {run['name']} on {split}: exit {rc}; log {rel(log_path)}\n{tail(log_path)}")
-            return None
-        s = json.load(open(os.path.join(REPO, out, "summary.json")))
-        gens = [json.loads(line) for line in open(os.path.join(REPO, out, "generations.jsonl"))]
-        run[split] = {"strict": s["accuracy_strict"], "flexible": s["accuracy_flexible"], "rows": s["rows"],
-                      "seconds": round(seconds, 1), "samples": [{"gold": g["gold"], "generation": g["generation"]}
-                                                                for g in gens[:3]]}
-        if split == "test_seen":
-            run[split]["data"] = self.test_seen_digest
+            log(f"  eval {what}: exit {rc}; log {rel(log_path)}\n{tail(log_path)}")
+            return
+        for split, out in zip(splits, outs):
+            s = json.load(open(os.path.join(REPO, out, "summary.json")))
+            gens = [json.loads(line) for line in open(os.path.join(REPO, out, "generations.jsonl"))]
+            # seconds: the whole launch, shared by the splits it scored
+            run[split] = {"strict": s["accuracy_strict"], "flexible": s["accuracy_flexible"], "rows": s["rows"],
+                          "seconds": round(seconds, 1), "samples": [{"gold": g["gold"], "generation": g["generation"]}
+                                                                    for g in gens[:3]]}
+            if split == "test_seen":
+                run[split]["data"] = self.test_seen_digest
+            log(f"  eval {run['name']} on {split}: strict {s['accuracy_strict']:.3f}, flexible "
+                f"{s['accuracy_flexible']:.3f} ({s['rows']} rows)")
         self.store(run)
-        log(f"  eval {run['name']} on {split}: strict {s['accuracy_strict']:.3f}, flexible "
-            f"{s['accuracy_flexible']:.3f} ({s['rows']} rows, {seconds:.0f} s)")
-        return run[split]
+        log(f"  eval {what}: {seconds:.0f} s")
 
 
 # --------------------------------------------------------------------------- report
@@ -457,7 +469,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_base:
         base = study.cached("base") or {"name": "base", "key": study.key, "method": "base"}
         log("[quality] base model, zero-shot")
-        test, seen = study.evaluate(base, "test"), study.evaluate(base, "test_seen")
+        scores = study.evaluate(base, ("test", "test_seen"))
+        test, seen = scores["test"], scores["test_seen"]
         if test:
             rows["base"] = {"method": "base", "strict": [test["strict"]], "flexible": [test["flexible"]],
                             "seen_strict": [seen["strict"]] if seen else [],
@@ -468,7 +481,8 @@ def main(argv: list[str] | None = None) -> int:
         log(f"[quality] {method}: sweep {lrs[method]} on seed {seeds[0]}")
         sweep = [study.train(method, lr, seeds[0]) for lr in lrs[method]]
         for run in sweep:
-            if run["status"] == "ok" and study.evaluate(run, "validation") is None and not args.report_only:
+            if run["status"] == "ok" and study.evaluate(run, ("validation",))["validation"] is None \
+                    and not args.report_only:
                 failed.append(run["name"])
         sweeps[method] = sweep
         failed += [r["name"] for r in sweep if r["status"] == "failed"]
@@ -481,9 +495,9 @@ def main(argv: list[str] | None = None) -> int:
         chosen[method] = best
         kept = [best] + [study.train(method, best["lr"], s) for s in seeds[1:]]
         for run in kept:
-            for split in ("test", "test_seen"):
-                if run["status"] == "ok" and study.evaluate(run, split) is None and not args.report_only:
-                    failed.append(run["name"])
+            if run["status"] == "ok" and not args.report_only \
+                    and None in study.evaluate(run, ("test", "test_seen")).values():
+                failed.append(run["name"])
         failed += [r["name"] for r in kept if r["status"] == "failed"]
         if any(r["status"] == "pending" or (r["status"] == "ok" and "test" not in r) for r in kept):
             pending.append(method)

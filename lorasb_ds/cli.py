@@ -116,13 +116,15 @@ def add_eval_parser(sub) -> None:
     what = ev.add_argument_group("what to evaluate")
     what.add_argument("--task", required=True, choices=EVAL_TASKS, help="scoring rules and data columns")
     what.add_argument("--glue_task", help="with --task glue: cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte or wnli")
-    what.add_argument("--data", required=True, help="local .json/.jsonl (gsm8k: question/answer; math: problem "
-                                                   "and answer or solution; commonsense: instruction/answer)")
+    what.add_argument("--data", required=True, nargs="+", metavar="FILE",
+                      help="local .json/.jsonl (gsm8k: question/answer; math: problem and answer or solution; "
+                           "commonsense: instruction/answer); several: scored in one launch, model loaded once")
     what.add_argument("--adapter", help="the adapter/ directory written by `lorasb train` (default: none, the "
                                         "base model alone)")
     what.add_argument("--model", help="local base model directory (default: the built-in tiny Llama, or tiny "
                                       "RoBERTa for glue)")
-    what.add_argument("--out", required=True, help="directory for generations.jsonl and summary.json")
+    what.add_argument("--out", required=True, nargs="+", metavar="DIR",
+                      help="directory for generations.jsonl and summary.json; one per --data file, same order")
     gen = ev.add_argument_group("generation")
     gen.add_argument("--prompt_template", default="reference", choices=EVAL_PROMPT_TEMPLATES,
                      help="gsm8k/math prompts: reference (Alpaca + \"Let's think step by step.\"), or the training "

@@ -2,6 +2,8 @@
 
 ``lorasb eval --task gsm8k|math|commonsense --data FILE.jsonl [--model DIR] --adapter OUT/adapter --out DIR``
 ``lorasb eval --task glue --glue_task sst2 --data FILE.jsonl [--model DIR] --adapter OUT/adapter --out DIR``
+``lorasb eval --task gsm8k --data test.jsonl other.jsonl --out eval/test eval/other ...``: several data files
+scored in one launch (the model loaded once), each into the ``--out`` directory of the same position.
 
 GLUE (``--task glue``) runs the classifier instead of generating: one forward pass per batch (right
 padded, cut at ``GLUE_MAX_LENGTH`` tokens), the predicted class is the argmax of the logits (``stsb``:
@@ -9,7 +11,7 @@ the single output as the score), and the summary holds the task's metrics (``glu
 
 What it does, in order:
 
-1. **Checks** (every rank, nothing loaded yet): the data file and its columns, every row's gold
+1. **Checks** (every rank, nothing loaded yet): each data file and its columns, every row's gold
    answer, the adapter files, the output directory, the launch variables. A problem is a
    ``ConfigError`` (exit code 2) naming the file, column or row.
 2. **Model**: the base model (``AutoModelForCausalLM.from_pretrained(--model)``, or the built-in tiny
@@ -25,11 +27,11 @@ What it does, in order:
 4. **Sharding**: started by ``torchrun``, the ``deepspeed`` runner, ``mpirun`` or ``srun`` (ranks found
    as for training, ``ranks.py``), rank k generates rows k, k + world, k + 2 world, ...
    Generation needs no communication; afterwards every rank makes exactly one ``gather_object`` to
-   rank 0 and one ``broadcast_object_list`` of the outcome (gloo: only Python objects travel), so a
+   rank 0 (the rows of every data file) and one ``broadcast_object_list`` of the outcome (gloo: only Python objects travel), so a
    rank with fewer rows, or none, cannot make the others hang, and an error on any rank is reported
    by all. A single process needs no launcher.
-5. **Outputs** (rank 0): ``generations.jsonl`` (``predictions.jsonl`` for GLUE; one line per row, in
-   data order) and ``summary.json``.
+5. **Outputs** (rank 0), per data file in its ``--out``: ``generations.jsonl`` (``predictions.jsonl``
+   for GLUE; one line per row, in data order) and ``summary.json``.
 
 Prompts
 -------
@@ -185,9 +187,9 @@ def _glue_example(glue_task: str, index: int, row: dict) -> Example:
 @dataclass
 class EvalSettings:
     task: str
-    data: str
+    data: list[str]  # data files (a str: one), scored in one launch, each into the out at its position
     adapter: str | None  # None: the base model alone (a zero-shot baseline)
-    out: str
+    out: list[str]  # one output directory per data file (a str: one)
     model: str | None = None
     glue_task: str | None = None
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
@@ -198,6 +200,10 @@ class EvalSettings:
     dist_timeout_minutes: float = 60.0
     trust_remote_code: bool = False
     prompt_template: str = "reference"  # or a data.prompt_template: the training prompt of the same query
+
+    def __post_init__(self):
+        self.data = [self.data] if isinstance(self.data, str) else list(self.data)
+        self.out = [self.out] if isinstance(self.out, str) else list(self.out)
 
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -233,13 +239,19 @@ def check_settings(s: EvalSettings) -> None:
     if s.adapter is not None and not os.path.isdir(s.adapter):
         raise ConfigError(f"--adapter: no such directory '{s.adapter}'; pass the adapter/ directory "
                           "written by `lorasb train`")
-    if os.path.exists(s.out) and not os.path.isdir(s.out):
-        raise ConfigError(f"--out {s.out} exists and is not a directory")
-    parent = os.path.abspath(s.out)
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.access(parent, os.W_OK):
-        raise ConfigError(f"--out {s.out}: {parent} is not writable")
+    if len(s.out) != len(s.data):
+        raise ConfigError(f"--data names {len(s.data)} file(s) but --out {len(s.out)} director(y/ies): give one "
+                          "--out directory per --data file, in the same order")
+    if len({os.path.abspath(o) for o in s.out}) != len(s.out):
+        raise ConfigError(f"--out {' '.join(s.out)}: a directory named twice; each data file needs its own")
+    for out in s.out:
+        if os.path.exists(out) and not os.path.isdir(out):
+            raise ConfigError(f"--out {out} exists and is not a directory")
+        parent = os.path.abspath(out)
+        while not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        if not os.access(parent, os.W_OK):
+            raise ConfigError(f"--out {out}: {parent} is not writable")
 
 
 def pick_device(s: EvalSettings) -> torch.device:
@@ -384,12 +396,12 @@ def _raise_errors(errors: list[dict], world: int) -> None:
     raise RuntimeError(f"evaluation failed: {message}")
 
 
-def run_eval(s: EvalSettings) -> dict | None:
-    """Evaluate; rank 0 writes the outputs and returns the summary (None on other ranks)."""
+def run_eval(s: EvalSettings) -> list[dict] | None:
+    """Evaluate; rank 0 writes the outputs and returns one summary per data file (None on other ranks)."""
     started = time.time()
     check_settings(s)
     rank, world = join_launch()
-    examples = load_examples(s.task, s.data, s.limit, s.glue_task)
+    examples = [load_examples(s.task, path, s.limit, s.glue_task) for path in s.data]
     from .files import load_adapter
 
     # the files are checked before anything heavy starts; no adapter: the base model alone
@@ -411,42 +423,26 @@ def run_eval(s: EvalSettings) -> dict | None:
             dist.destroy_process_group()
 
 
-def _evaluate(s: EvalSettings, examples: list[Example], adapter_meta: dict, rank: int, world: int,
-              started: float) -> dict | None:
-    mine = examples[rank::world]
-    payload = {"rank": rank, "error": None, "rows": []}
+def _evaluate(s: EvalSettings, examples: list[list[Example]], adapter_meta: dict, rank: int, world: int,
+              started: float) -> list[dict] | None:
+    """Load the model once, then score every data file's share of rows of this rank (``examples``: one
+    list per data file); one gather of all of it to rank 0, which writes each file's outputs."""
+    payload = {"rank": rank, "error": None, "rows": [[] for _ in examples], "seconds": [0.0 for _ in examples]}
     device = pick_device(s)
     dtype = pick_dtype(s, device)
-    gen_seconds = 0.0
     try:
         model, tokenizer = load_model_and_tokenizer(s, device, dtype)
         trained_on, evaluated_on = adapter_meta.get("model"), s.model or _builtin_name(s)
         if rank == 0 and trained_on and trained_on != evaluated_on:
             print(f"[lorasb] eval: note: the adapter was trained on {trained_on}, evaluated on {evaluated_on}",
                   flush=True)
-        if rank == 0:
-            print(f"[lorasb] eval: {s.task}, {len(examples)} rows on {world} rank(s), batch {s.batch_size}, "
-                  f"max_new_tokens {s.max_new_tokens}, {device} {str(dtype).removeprefix('torch.')}", flush=True)
-
-        def progress(done: int, total: int) -> None:
-            if rank == 0 and (done == total or done % 10 == 0):
-                print(f"[lorasb] eval: rank 0 batch {done}/{total}", flush=True)
-
-        t0 = time.time()
-        if s.task == "glue":
-            regression = glue.is_regression(glue.task_of(s.glue_task))
-            predictions = classify(model, tokenizer, mine, s.batch_size, device, regression)
-            for example, prediction in zip(mine, predictions):
-                payload["rows"].append({"index": example.index, "texts": list(example.texts),
-                                        "label": example.label, "prediction": prediction})
-        else:
-            prompts = [eval_prompt(e, s.prompt_template, tokenizer) for e in mine]
-            texts = generate(model, tokenizer, prompts, s.max_new_tokens, s.batch_size, device, progress,
-                             add_special_tokens=not template_writes_special_tokens("metamath", s.prompt_template))
-            for example, prompt, text in zip(mine, prompts, texts):
-                payload["rows"].append({"index": example.index, "prompt": prompt, "generation": text,
-                                        "gold": example.gold, **score(s.task, text, example)})
-        gen_seconds = time.time() - t0
+        for k, split in enumerate(examples):
+            t0 = time.time()
+            of_file = f" of {s.data[k]}" if len(s.data) > 1 else ""
+            payload["rows"][k] = _score_rows(s, model, tokenizer, split[rank::world], device, rank,
+                                             f"{len(split)} rows{of_file} on {world} rank(s)",
+                                             f"{device} {str(dtype).removeprefix('torch.')}")
+            payload["seconds"][k] = time.time() - t0
     except ConfigError as e:
         payload["error"] = {"rank": rank, "config": True, "message": str(e)}
     except Exception as e:  # reported through the collectives, so no rank waits for a failed one
@@ -456,17 +452,45 @@ def _evaluate(s: EvalSettings, examples: list[Example], adapter_meta: dict, rank
         _raise_errors(errors, world)
     if rank != 0:
         return None
-    rows = sorted((row for p in gathered for row in p["rows"]), key=lambda row: row["index"])
-    summary = _summary(s, rows, adapter_meta, world, device, dtype, gen_seconds, time.time() - started)
-    _write_outputs(s.out, PREDICTIONS_FILE if s.task == "glue" else GENERATIONS_FILE, rows, summary)
+    summaries = []
+    for k, (data, out) in enumerate(zip(s.data, s.out)):
+        rows = sorted((row for p in gathered for row in p["rows"][k]), key=lambda row: row["index"])
+        summary = _summary(s, data, rows, adapter_meta, world, device, dtype, payload["seconds"][k],
+                           time.time() - started)
+        _write_outputs(out, PREDICTIONS_FILE if s.task == "glue" else GENERATIONS_FILE, rows, summary)
+        if s.task == "glue":
+            scores = ", ".join(f"{k} {v:.4f}" for k, v in summary["metrics"].items())
+            print(f"[lorasb] eval: glue {s.glue_task} on {summary['rows']} rows: {scores}; written to {out}",
+                  flush=True)
+        else:
+            print(f"[lorasb] eval: {s.task} strict accuracy {summary['accuracy_strict']:.4f} "
+                  f"({summary['correct_strict']}/{summary['rows']}), flexible {summary['accuracy_flexible']:.4f}; "
+                  f"written to {out}", flush=True)
+        summaries.append(summary)
+    return summaries
+
+
+def _score_rows(s: EvalSettings, model, tokenizer, mine: list[Example], device: torch.device, rank: int,
+                what: str, where: str) -> list[dict]:
+    """This rank's rows of one data file, generated and scored (or classified, GLUE)."""
+    if rank == 0:
+        print(f"[lorasb] eval: {s.task}, {what}, batch {s.batch_size}, max_new_tokens {s.max_new_tokens}, {where}",
+              flush=True)
+
+    def progress(done: int, total: int) -> None:
+        if rank == 0 and (done == total or done % 10 == 0):
+            print(f"[lorasb] eval: rank 0 batch {done}/{total}", flush=True)
+
     if s.task == "glue":
-        scores = ", ".join(f"{k} {v:.4f}" for k, v in summary["metrics"].items())
-        print(f"[lorasb] eval: glue {s.glue_task} on {summary['rows']} rows: {scores}; written to {s.out}", flush=True)
-        return summary
-    print(f"[lorasb] eval: {s.task} strict accuracy {summary['accuracy_strict']:.4f} "
-          f"({summary['correct_strict']}/{summary['rows']}), flexible {summary['accuracy_flexible']:.4f}; "
-          f"written to {s.out}", flush=True)
-    return summary
+        regression = glue.is_regression(glue.task_of(s.glue_task))
+        predictions = classify(model, tokenizer, mine, s.batch_size, device, regression)
+        return [{"index": e.index, "texts": list(e.texts), "label": e.label, "prediction": p}
+                for e, p in zip(mine, predictions)]
+    prompts = [eval_prompt(e, s.prompt_template, tokenizer) for e in mine]
+    texts = generate(model, tokenizer, prompts, s.max_new_tokens, s.batch_size, device, progress,
+                     add_special_tokens=not template_writes_special_tokens("metamath", s.prompt_template))
+    return [{"index": e.index, "prompt": prompt, "generation": text, "gold": e.gold, **score(s.task, text, e)}
+            for e, prompt, text in zip(mine, prompts, texts)]
 
 
 def _builtin_name(s: EvalSettings) -> str:
@@ -475,7 +499,7 @@ def _builtin_name(s: EvalSettings) -> str:
     return builtin_name("seq_cls" if s.task == "glue" else "causal_lm")
 
 
-def _summary(s: EvalSettings, rows: list[dict], adapter_meta: dict, world: int, device: torch.device,
+def _summary(s: EvalSettings, data: str, rows: list[dict], adapter_meta: dict, world: int, device: torch.device,
              dtype: torch.dtype, gen_seconds: float, seconds: float) -> dict:
     n = len(rows)
     common = {"model": s.model or _builtin_name(s), "adapter": os.path.abspath(s.adapter) if s.adapter else None,
@@ -486,13 +510,13 @@ def _summary(s: EvalSettings, rows: list[dict], adapter_meta: dict, world: int, 
     if s.task == "glue":
         task = glue.task_of(s.glue_task)
         metrics = glue.compute_metrics(task, [r["prediction"] for r in rows], [r["label"] for r in rows])
-        return {"task": "glue", "glue_task": s.glue_task, "data": os.path.abspath(s.data), "rows": n,
+        return {"task": "glue", "glue_task": s.glue_task, "data": os.path.abspath(data), "rows": n,
                 "metrics": metrics, "classification_seconds_rank0": round(gen_seconds, 3), **common}
     correct_strict = sum(r["correct_strict"] for r in rows)
     correct_flexible = sum(r["correct_flexible"] for r in rows)
     return {
         "task": s.task,
-        "data": os.path.abspath(s.data),
+        "data": os.path.abspath(data),
         "rows": n,
         "correct_strict": correct_strict,
         "correct_flexible": correct_flexible,

@@ -364,6 +364,25 @@ def test_eval_batch_size_does_not_change_generations(e2e):
     assert json.loads((out / "summary.json").read_text())["rows"] == 5
 
 
+def test_several_data_files_in_one_call_score_as_each_alone(e2e, tmp_path):
+    """--data A B --out X Y: the model is loaded once and each file is scored into its own directory, with
+    the generations and scores of A alone and of B alone."""
+    first3 = tmp_path / "first3.jsonl"
+    first3.write_text("".join(json.dumps(r) + "\n" for r in GSM8K_ROWS[:3]))
+    both, alone = tmp_path / "both", tmp_path / "alone"
+    assert cli_main(["eval", *EVAL_ARGS, "--data", e2e["data"], str(first3), "--adapter", e2e["adapter"],
+                     "--out", str(both / "all"), str(both / "first3"), "--batch_size", "4"]) == 0
+    assert cli_main(["eval", *EVAL_ARGS, "--data", str(first3), "--adapter", e2e["adapter"], "--out", str(alone),
+                     "--batch_size", "4"]) == 0
+    assert (both / "all" / "generations.jsonl").read_bytes() == (e2e["out"] / "generations.jsonl").read_bytes()
+    assert (both / "first3" / "generations.jsonl").read_bytes() == (alone / "generations.jsonl").read_bytes()
+    for name, reference in (("all", e2e["out"]), ("first3", alone)):
+        summary = json.loads((both / name / "summary.json").read_text())
+        expected = json.loads((reference / "summary.json").read_text())
+        assert summary["data"] == expected["data"] and summary["rows"] == expected["rows"]
+        assert summary["correct_strict"] == expected["correct_strict"]
+
+
 def launcher_cmd(launcher: str, script: str) -> list[str]:
     return {"torchrun": torchrun_cmd, "mpirun": mpirun_cmd}[launcher](script)
 
@@ -371,12 +390,18 @@ def launcher_cmd(launcher: str, script: str) -> list[str]:
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["torchrun", "mpirun"])
 def test_eval_sharded_matches_single_process(e2e, launcher):
-    out = e2e["root"] / f"sharded-{launcher}"
+    """Rows sharded over 2 ranks give the single process's outputs; a second data file in the same launch
+    (the first 5 rows) gives the first 5 rows' outputs."""
+    out, out5 = e2e["root"] / f"sharded-{launcher}", e2e["root"] / f"sharded5-{launcher}"
+    first5 = e2e["root"] / "first5.jsonl"
+    first5.write_text("".join(json.dumps(r) + "\n" for r in GSM8K_ROWS[:5]))
     cmd = [*launcher_cmd(launcher, os.path.join(REPO, "launch", "evaluate.py")), *EVAL_ARGS,
-           "--data", e2e["data"], "--adapter", e2e["adapter"], "--out", str(out), "--batch_size", "2"]
+           "--data", e2e["data"], str(first5), "--adapter", e2e["adapter"], "--out", str(out), str(out5),
+           "--batch_size", "2"]
     run_command(cmd, timeout=300)
     single = (e2e["out"] / "generations.jsonl").read_bytes()
     assert (out / "generations.jsonl").read_bytes() == single
+    assert read_jsonl(out5 / "generations.jsonl") == read_jsonl(e2e["out"] / "generations.jsonl")[:5]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["rows"] == 6
     reference = json.loads((e2e["out"] / "summary.json").read_text())
@@ -418,6 +443,11 @@ def test_eval_errors(e2e, tmp_path, capsys):
     assert "lorasb_adapter.safetensors" in err
     err = run_cli_error(capsys, [*base, "--data", e2e["data"], "--batch_size", "0"])
     assert "--batch_size" in err
+    err = run_cli_error(capsys, [*base, "--data", e2e["data"], e2e["data"]])
+    assert "--data names 2 file(s) but --out 1" in err
+    err = run_cli_error(capsys, [*base[:4], "--out", str(tmp_path / "o"), str(tmp_path / "o"),
+                                 "--data", e2e["data"], e2e["data"]])
+    assert "a directory named twice" in err
     assert not os.path.exists(tmp_path / "o")  # nothing was written
 
 

@@ -95,8 +95,8 @@ def test_classifier_trains_R_and_the_whole_head(runs, task):
 def test_classifiers_evaluate_with_their_metrics(runs, task, metrics, tmp_path):
     out, encoder, pretrained = runs
     model = {"sst2": None, "mrpc": str(encoder), "stsb": str(pretrained)}[task]
-    summary = run_eval(EvalSettings(task="glue", glue_task=task, data=f"{SAMPLES}/glue_{task}.jsonl",
-                                    adapter=str(out / f"glue-{task}" / "adapter"), out=str(tmp_path), model=model))
+    [summary] = run_eval(EvalSettings(task="glue", glue_task=task, data=f"{SAMPLES}/glue_{task}.jsonl",
+                                      adapter=str(out / f"glue-{task}" / "adapter"), out=str(tmp_path), model=model))
     assert set(summary["metrics"]) == metrics and summary["rows"] == 40
     assert all(-1.0 <= v <= 1.0 for v in summary["metrics"].values())
     rows = [json.loads(line) for line in open(tmp_path / "predictions.jsonl")]
