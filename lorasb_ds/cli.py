@@ -238,8 +238,7 @@ def evaluate(args: argparse.Namespace) -> None:
 def plan(args: argparse.Namespace) -> int:
     """Print the plan and DeepSpeed's estimate; 1 when it does not fit ``--device_memory_gb``."""
     from .config import LLAMA_TARGETS
-    from .plan import (HEADROOM, check_fit, deepspeed_estimate, fewest_passes, format_deepspeed_comparison,
-                       format_plan, gb, plan_memory)
+    from .plan import deepspeed_estimate, fit_on_device, format_deepspeed_comparison, format_plan, plan_memory
 
     targets = [t.strip() for t in args.targets.split(",") if t.strip()] if args.targets else LLAMA_TARGETS
     result = plan_memory(args.model_config, args.r, targets, args.world_size, args.micro_batch, args.seq_len,
@@ -247,30 +246,19 @@ def plan(args: argparse.Namespace) -> int:
                          gradient_checkpointing=not args.no_gradient_checkpointing,
                          est_micro_batch=args.est_micro_batch, flash_attention=not args.eager_attention,
                          est_max_accum_gb=args.est_max_accum_gb, est_bucket_mb=args.est_bucket_mb)
-    passes_note = ""
-    if args.device_memory_gb is not None and args.est_max_accum_gb is None and check_fit(result, args.device_memory_gb):
-        grouped = fewest_passes(result, args.device_memory_gb)
-        if grouped is not None and not check_fit(grouped, args.device_memory_gb):
-            result = grouped
-            passes_note = (f"; the estimation in {grouped.est_passes} passes: set lorasb.est_max_accum_gb="
-                           f"{gb(grouped.settings.est_max_accum_bytes)}")
+    fit = None
+    if args.device_memory_gb is not None:
+        fit = fit_on_device(result, args.device_memory_gb, budget_set=args.est_max_accum_gb is not None)
+        result = fit.plan
     deepspeed_text = format_deepspeed_comparison(deepspeed_estimate(result, args.gpus_per_node))  # (it logs)
     print(format_plan(result))
     print()
     print(deepspeed_text)
-    if args.device_memory_gb is None:
+    if fit is None:
         return 0
-    knobs = check_fit(result, args.device_memory_gb)
-    threshold = (f"{args.device_memory_gb * (1 - HEADROOM):.2f} GB ({args.device_memory_gb:g} GB less "
-                 f"{HEADROOM:.0%} headroom)")
     print()
-    if not knobs:
-        print(f"fits: peak {result.peak / 1e9:.2f} GB per rank within {threshold}{passes_note}")
-        return 0
-    print(f"does NOT fit: peak {result.peak / 1e9:.2f} GB per rank > {threshold}. Knobs, largest effect first:")
-    for knob in knobs:
-        print(f"  - {knob}")
-    return 1
+    print("\n".join(fit.lines))
+    return 0 if fit.fits else 1
 
 
 if __name__ == "__main__":

@@ -595,6 +595,35 @@ def check_fit(plan: Plan, device_memory_gb: float, headroom: float = HEADROOM) -
     return [f"{text} [saves {gb(saved)} GB{'; enough alone' if enough else ''}]" for saved, text, enough in knobs]
 
 
+@dataclass(frozen=True)
+class Fit:
+    """A plan judged against a device's memory per rank."""
+
+    plan: Plan
+    """the plan judged: when no accumulator budget was set and one pass is over, the fewest passes that fit"""
+    fits: bool
+    lines: list[str]
+    """the verdict, then (when it does not fit) the knobs that lower the peak, largest effect first"""
+
+
+def fit_on_device(plan: Plan, device_memory_gb: float, budget_set: bool) -> Fit:
+    """Judge ``plan`` on ``device_memory_gb`` per rank. ``budget_set``: ``lorasb.est_max_accum_gb`` was
+    given, so the passes are the user's; otherwise the estimation takes the fewest passes that fit."""
+    passes_note = ""
+    if not budget_set and check_fit(plan, device_memory_gb):
+        grouped = fewest_passes(plan, device_memory_gb)
+        if grouped is not None and not check_fit(grouped, device_memory_gb):
+            plan = grouped
+            passes_note = (f"; the estimation in {grouped.est_passes} passes: set lorasb.est_max_accum_gb="
+                           f"{gb(grouped.settings.est_max_accum_bytes)}")
+    knobs = check_fit(plan, device_memory_gb)
+    threshold = f"{device_memory_gb * (1 - HEADROOM):.2f} GB ({device_memory_gb:g} GB less {HEADROOM:.0%} headroom)"
+    if not knobs:
+        return Fit(plan, True, [f"fits: peak {plan.peak / 1e9:.2f} GB per rank within {threshold}{passes_note}"])
+    return Fit(plan, False, [f"does NOT fit: peak {plan.peak / 1e9:.2f} GB per rank > {threshold}. "
+                             "Knobs, largest effect first:", *(f"  - {knob}" for knob in knobs)])
+
+
 def _more_ranks(plan: Plan, budget: float, max_factor: int = 64) -> tuple[str, Plan]:
     """The smallest doubling of the world size that fits (or the largest tried)."""
     world = plan.settings.world_size
