@@ -96,7 +96,11 @@ def add_train_parser(sub) -> None:
                      help="continue from the newest complete checkpoint of output_dir, or from PATH")
     run.add_argument("--overwrite", action="store_true", help="start anew in an output_dir holding a run")
     run.add_argument("--dry_run", action="store_true",
-                     help="check everything, print the layout and the memory plan, start nothing")
+                     help="check everything, print the layout and the memory plan and whether it fits the "
+                          "device, start nothing")
+    run.add_argument("--device_memory_gb", type=float,
+                     help="with --dry_run: judge the plan against this many GB per rank (default: the device's "
+                          "memory; on CPU the host's, shared by the ranks on it)")
     train.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed runner
 
 
@@ -218,11 +222,14 @@ def train(args: argparse.Namespace) -> None:
             overrides.append(f"{key}={getattr(args, flag)}")
     if args.overwrite:
         overrides.append("train.overwrite=true")
+    if args.device_memory_gb is not None and (not args.dry_run or args.device_memory_gb <= 0):
+        raise ConfigError(f"--device_memory_gb {args.device_memory_gb:g}: a positive size in GB, and it goes with "
+                          "--dry_run only (a run does not read it)")
     cfg = load_run_config(args.config, overrides)
     ds_config = load_ds_config(args.ds_config)
     from .train import run  # DeepSpeed is imported only for training
 
-    run(cfg, ds_config, dry=args.dry_run)
+    run(cfg, ds_config, dry=args.dry_run, device_memory_gb=args.device_memory_gb)
 
 
 def evaluate(args: argparse.Namespace) -> None:

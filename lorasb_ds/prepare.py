@@ -16,7 +16,7 @@ import torch
 from .checkpoint import check_output_dir, resume_point
 from .config import BatchLayout, ConfigError, RunConfig, check_precision, precision, resolve_batch_layout
 from .data import describe_truncation, estimation_indices, fingerprint, load_rows, split_held_out, tokenize_rows
-from .ranks import say_once, world_size_from_env  # say_once: every rank prepares the same run
+from .ranks import device_memory_per_rank, say_once, world_size_from_env  # say_once: every rank prepares the same run
 from .estimate import assign_owners, estimation_groups, max_accum_bytes
 from .files import check_init_metadata, is_own_init_file, own_init_file, read_init_metadata
 from .init import init_metadata
@@ -122,9 +122,10 @@ def check_targets_without_weights(cfg: RunConfig, world: int) -> None:
         estimation_groups(shapes, assign_owners(shapes, world), max_accum_bytes(cfg.lorasb))
 
 
-def dry_run(p: Prepared) -> dict:
-    """Print what a run would do (layout, steps, memory per rank) after every check; start nothing."""
-    from .plan import format_plan, plan_memory
+def dry_run(p: Prepared, device_memory_gb: float | None = None) -> dict:
+    """Print what a run would do (layout, steps, memory per rank) after every check, and whether its plan
+    fits ``device_memory_gb`` per rank (None: this device's, ``ranks.device_memory_per_rank``); start nothing."""
+    from .plan import fit_on_device, format_plan, plan_memory
 
     cfg, layout = p.cfg, p.layout
     summary = {"dry_run": True, "method": cfg.lorasb.method, "world_size": layout.world_size,
@@ -133,20 +134,30 @@ def dry_run(p: Prepared) -> dict:
                "eval_samples": len(p.eval_examples),
                "steps": p.schedule.total_steps, "warmup_steps": p.schedule.warmup_steps,
                "lr_eff": p.schedule.lr_eff, "init_file": cfg.train.init_file, "resume_from": p.resume_from}
-    text = json.dumps(summary, indent=2)
     estimates = METHODS[cfg.lorasb.method].estimates  # the memory plan models LoRA-SB's estimation and R
     if not estimates:
-        text += f"\n[lorasb] the memory plan models lorasb.method=lorasb only; not printed for {cfg.lorasb.method}"
+        say_once(json.dumps(summary, indent=2) + "\n[lorasb] the memory plan models lorasb.method=lorasb only; "
+                 f"not printed for {cfg.lorasb.method}")
+        return summary
     zero = p.ds_config.get("zero_optimization", {})
     buckets = {k: zero[k] for k in ("reduce_bucket_size", "prefetch_bucket_size") if k in zero}
     if "stage3_prefetch_bucket_size" in zero:
         buckets["prefetch_bucket_size"] = zero["stage3_prefetch_bucket_size"]
-    if estimates:
-        layer_plan = plan_memory(model_config_of(cfg), cfg.lorasb.r, cfg.lorasb.target_modules, layout.world_size,
-                                 layout.micro_batch, cfg.data.max_length, precision(p.ds_config),
-                                 bool(zero.get("offload_param")), cfg.model.gradient_checkpointing,
-                                 cfg.lorasb.est_micro_batch, **buckets, est_max_accum_gb=cfg.lorasb.est_max_accum_gb,
-                                 est_bucket_mb=cfg.lorasb.est_bucket_mb)
-        text += "\n" + format_plan(layer_plan)
+    layer_plan = plan_memory(model_config_of(cfg), cfg.lorasb.r, cfg.lorasb.target_modules, layout.world_size,
+                             layout.micro_batch, cfg.data.max_length, precision(p.ds_config),
+                             bool(zero.get("offload_param")), cfg.model.gradient_checkpointing,
+                             cfg.lorasb.est_micro_batch, **buckets, est_max_accum_gb=cfg.lorasb.est_max_accum_gb,
+                             est_bucket_mb=cfg.lorasb.est_bucket_mb)
+    where = "--device_memory_gb"
+    if device_memory_gb is None:
+        device_memory_gb, where = device_memory_per_rank()
+    # with no accumulator budget set, the fewest estimation passes that fit (as lorasb plan --device_memory_gb)
+    fit = fit_on_device(layer_plan, device_memory_gb, budget_set=cfg.lorasb.est_max_accum_gb is not None)
+    summary.update(device_memory_gb=round(device_memory_gb, 2), fits=fit.fits, est_passes=fit.plan.est_passes,
+                   **{f"{k}_gb": round(v / 1e9, 3) for k, v in (("estimation_peak", fit.plan.estimation_peak),
+                                                                ("training_peak", fit.plan.training_peak),
+                                                                ("accumulators", fit.plan.owner_accumulator_max))})
+    text = (json.dumps(summary, indent=2) + "\n" + format_plan(layer_plan)
+            + f"\n\non {device_memory_gb:.2f} GB per rank ({where}): " + "\n".join(fit.lines))
     say_once(text)  # every rank computed the same plan
     return summary

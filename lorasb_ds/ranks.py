@@ -529,6 +529,20 @@ def discover(environ: Mapping[str, str] | None = None) -> RankLayout:
                       "a world of one", note)
 
 
+def device_memory_per_rank() -> tuple[float, str]:
+    """GB (1e9 bytes) of memory per rank on this launch's device, and where the figure comes from: the
+    accelerator's device of this rank, or on the CPU the host's memory divided among the ranks on this host.
+    Starts nothing (``discover``: collective under MPI, so every rank calls it)."""
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator, layout = get_accelerator(), discover()
+    if accelerator.device_name() == "cpu":
+        ranks_here = layout.local_world_size or 1
+        return accelerator.total_memory() / 1e9 / ranks_here, f"host memory / {ranks_here} rank(s) on this host"
+    device = layout.local_rank % max(1, accelerator.device_count())
+    return accelerator.total_memory(device) / 1e9, f"{accelerator.device_name()}:{device}"
+
+
 def init_distributed(timeout_minutes: float) -> tuple[int, int, torch.device]:
     """Start the process group (gloo on CPU, NCCL on GPUs); returns (rank, world size, device)."""
     import deepspeed

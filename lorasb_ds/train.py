@@ -63,14 +63,15 @@ class Session:
     """The rank that estimates and decomposes each module."""
 
 
-def run(cfg: RunConfig, ds_config: dict, dry: bool = False) -> dict:
+def run(cfg: RunConfig, ds_config: dict, dry: bool = False, device_memory_gb: float | None = None) -> dict:
     """The whole run; returns its summary (also written to ``run_summary.json`` by rank 0).
 
-    ``dry``: stop after the checks and print the resolved layout and plan (``--dry_run``)."""
+    ``dry``: stop after the checks and print the resolved layout, the plan and whether it fits
+    ``device_memory_gb`` per rank (default: the device's; ``--dry_run``)."""
     # ---- every check first: bad input fails before any process group or weight
     prepared = prepare(cfg, ds_config)
     if dry:
-        return dry_run(prepared)
+        return dry_run(prepared, device_memory_gb)
     out_dir = cfg.train.output_dir
     preemption = PreemptionFlag()
     s = build(prepared)

@@ -224,8 +224,17 @@ def test_dry_run_checks_everything_prints_the_plan_and_starts_nothing(tmp_path, 
                  "train.max_steps=7"]) == 0
     out = capsys.readouterr().out
     assert '"dry_run": true' in out and '"steps": 7' in out and "W0 shard" in out
+    assert "GB per rank (host memory / 1 rank(s) on this host): fits: peak" in out and '"fits": true' in out
     assert not (tmp_path / "o").exists()  # a dry run writes nothing, not even the folder
     assert "lorasb.r = 100 exceeds" in fails(capsys, "--dry_run", "lorasb.r=100", out=tmp_path / "o2")
+    # a device too small: the verdict and the knobs, still nothing written
+    assert main(["train", "--ds_config", ZERO3, "--dry_run", "--device_memory_gb", "0.5", "--output_dir",
+                 str(tmp_path / "o3")]) == 0
+    out = capsys.readouterr().out
+    assert "on 0.50 GB per rank (--device_memory_gb): does NOT fit" in out and '"fits": false' in out
+    assert "set zero_optimization.reduce_bucket_size" in out and not (tmp_path / "o3").exists()
+    for bad in (["--device_memory_gb", "80"], ["--dry_run", "--device_memory_gb", "0"]):
+        assert "--device_memory_gb" in fails(capsys, *bad, out=tmp_path / "o4")
 
 
 def test_resume_auto_without_a_checkpoint_says_it_starts_anew(tmp_path, capsys):

@@ -76,4 +76,25 @@ def test_shipped_smollm2_configs_pass_every_check(smollm_dir, config, tmp_path):
     r = 96 if "math" in config else 64
     assert f"LoRA-SB plan: llama, 30 layers, hidden 576, r={r}, 210 targets" in proc.stdout
     assert "no sample is longer than data.max_length=256 tokens" in proc.stdout
+    assert "GB per rank (host memory / 1 rank(s) on this host): fits" in proc.stdout
     assert not out.exists() or not os.listdir(out)  # nothing written
+    if "chat" in config:
+        return
+    # on a device where the estimation's accumulators are what is over: the fewest passes that fit, named
+    summary = dry_run_summary(proc.stdout)
+    assert summary["fits"] and summary["est_passes"] == 1
+    assert summary["estimation_peak_gb"] - summary["accumulators_gb"] + 0.1 < summary["training_peak_gb"]
+    device_gb = (summary["estimation_peak_gb"] - summary["accumulators_gb"] / 2) / 0.9  # 10% headroom
+    proc = subprocess.run(proc.args + ["--device_memory_gb", f"{device_gb:.3f}"], cwd=REPO, capture_output=True,
+                          text=True, env=dict(os.environ, DS_ACCELERATOR="cpu"), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    grouped = dry_run_summary(proc.stdout)
+    assert grouped["fits"] and grouped["est_passes"] > 1
+    assert grouped["estimation_peak_gb"] < summary["estimation_peak_gb"]
+    assert f"GB per rank (--device_memory_gb): fits" in proc.stdout
+    assert f"the estimation in {grouped['est_passes']} passes: set lorasb.est_max_accum_gb=" in proc.stdout
+
+
+def dry_run_summary(stdout: str) -> dict:
+    """The JSON summary a --dry_run prints before its plan."""
+    return json.JSONDecoder().raw_decode(stdout[stdout.index('{\n  "dry_run"'):])[0]
