@@ -220,9 +220,9 @@ def layer_shapes(layers: dict[str, LoRASBLinear]) -> dict[str, tuple[int, int]]:
     return {name: (layer.out_features, layer.in_features) for name, layer in layers.items()}
 
 
-def max_accum_bytes(cfg: LoraSBConfig) -> int | None:
+def max_accum_bytes(est_max_accum_gb: float | None) -> int | None:
     """``lorasb.est_max_accum_gb`` in bytes (None: no budget)."""
-    return None if cfg.est_max_accum_gb is None else int(cfg.est_max_accum_gb * 1e9)
+    return None if est_max_accum_gb is None else int(est_max_accum_gb * 1e9)
 
 
 def estimate_gradients(model: torch.nn.Module, layers: dict[str, LoRASBLinear],

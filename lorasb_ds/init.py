@@ -239,7 +239,7 @@ def init_adapters(cfg: RunConfig, model: torch.nn.Module, layers: dict[str, LoRA
     local: dict[str, LayerInit] = {}
     init_seconds = 0.0
     if method.estimates:  # group by group: estimate G (collective), then the owners' SVDs free it
-        for group in estimation_groups(layer_shapes(layers), owners, max_accum_bytes(cfg.lorasb)):
+        for group in estimation_groups(layer_shapes(layers), owners, max_accum_bytes(cfg.lorasb.est_max_accum_gb)):
             grads, group_stats = estimate_gradients(model, {name: layers[name] for name in group}, batches,
                                                     owners, device, bucket_bytes(cfg.lorasb.est_bucket_mb))
             stats = group_stats if stats is None else stats.add(group_stats)

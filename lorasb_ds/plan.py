@@ -85,7 +85,7 @@ import torch
 import torch.nn as nn
 
 from .config import LLAMA_TARGETS, ConfigError, LoraSBConfig
-from .estimate import DEFAULT_BUCKET_BYTES, assign_owners, bucket_bytes, estimation_groups
+from .estimate import DEFAULT_BUCKET_BYTES, assign_owners, bucket_bytes, estimation_groups, max_accum_bytes
 from .layer import shape_of
 from .surgery import find_targets
 
@@ -457,7 +457,7 @@ def plan_memory(model_config, r: int, target_modules=LLAMA_TARGETS, world_size: 
                         offload_param=offload_param, gradient_checkpointing=gradient_checkpointing,
                         flash_attention=flash_attention, prefetch_bucket_size=prefetch_bucket_size,
                         reduce_bucket_size=reduce_bucket_size,
-                        est_max_accum_bytes=None if est_max_accum_gb is None else int(est_max_accum_gb * GB),
+                        est_max_accum_bytes=max_accum_bytes(est_max_accum_gb),
                         est_bucket_bytes=bucket_bytes(est_bucket_mb))
     return plan_from_shape(shape, settings)
 

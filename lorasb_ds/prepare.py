@@ -119,7 +119,7 @@ def check_targets_without_weights(cfg: RunConfig, world: int) -> None:
     modules_to_save(skeleton, cfg.lorasb.modules_to_save, cfg.model.task)
     if method.estimates:
         shapes = {name: shape_of(module) for name, module in found}
-        estimation_groups(shapes, assign_owners(shapes, world), max_accum_bytes(cfg.lorasb))
+        estimation_groups(shapes, assign_owners(shapes, world), max_accum_bytes(cfg.lorasb.est_max_accum_gb))
 
 
 def dry_run(p: Prepared, device_memory_gb: float | None = None) -> dict:
