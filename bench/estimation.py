@@ -19,7 +19,10 @@ Then the SVD alone, in this process, on sign(random) matrices (the flat spectrum
 hard case) at the preset's distinct target shapes and at ``--svd_wide`` (4096 x 4096): the captured
 top-r energy of each ``lorasb.svd`` method over the exact SVD's, its iterations and its time.
 
-Estimation runs once and cold, as in a real run; training steps are timed after a warm-up step.
+Estimation runs once and cold, as in a real run; training steps are timed after a warm-up step, and
+training runs at least as many passes as the estimation has micro-batches per rank: the resident memory
+of both grows over their first passes (by about 0.4 GB over 8 passes at SmolLM2's shapes, training
+alone), so the two peaks are compared after equal numbers of passes.
 Every rank fixes glibc's mmap threshold (``--mmap_threshold``, 1 MiB), so that memory high-water marks
 count tensors rather than heap that glibc keeps after freeing them.
 """
@@ -86,6 +89,10 @@ def worker(args, variant: str) -> dict:
     layers = wrap_targets(model, common.TARGETS, args.lorasb_rank)
     engine = common.engine(model, [layer.lora_R for layer in layers.values()], ds)
     result = {"variant": variant, "world": world}
+    gen = torch.Generator().manual_seed(0)
+    examples = [{"input_ids": ids, "labels": ids} for ids in
+                torch.randint(0, args.vocab, (args.samples, args.seq), generator=gen).tolist()]
+    batches = weighted_estimation_batches(examples, args.samples, args.micro_batch, rank, world, 0, 0)
 
     if variant == "train":
         apply_inits(layers, common.random_inits(layers))
@@ -95,13 +102,13 @@ def worker(args, variant: str) -> dict:
             engine.backward(engine(**batch).loss)
             engine.step()
 
-        seconds = [common.timed(step, device) for _ in range(args.warmup + args.steps)]
-        result["steps"] = common.slowest(seconds, device)[args.warmup:]
+        # at least as many passes as the estimation's micro-batches: the resident memory of either grows
+        # over its first passes, so the two peaks are compared after the same number of passes
+        untimed = max(args.warmup, len(batches) - args.steps)
+        seconds = [common.timed(step, device) for _ in range(untimed + args.steps)]
+        result["steps"] = common.slowest(seconds, device)[untimed:]
+        result["passes"] = untimed + args.steps
     else:
-        gen = torch.Generator().manual_seed(0)
-        examples = [{"input_ids": ids, "labels": ids} for ids in
-                    torch.randint(0, args.vocab, (args.samples, args.seq), generator=gen).tolist()]
-        batches = weighted_estimation_batches(examples, args.samples, args.micro_batch, rank, world, 0, 0)
         owners = assign_owners({n: (l.out_features, l.in_features) for n, l in layers.items()}, world)
         reducer = (all_reduce_everywhere(layers, rank, device) if variant == "allreduce" else
                    OwnerReducer(layers, owners, rank, device, 0 if variant == "owner_per_module" else
@@ -234,7 +241,8 @@ def report(args, res: dict[str, dict]) -> dict:
 
     cuda = args.device == "cuda"
     rows = []
-    for label, r in [("training (LoRA-SB)", train)] + [(f"estimation, {label}", r) for label, r in estimations]:
+    for label, r in [(f"training (LoRA-SB), {train['passes']} steps", train)] + \
+            [(f"estimation, {label}", r) for label, r in estimations]:
         row = [label, r["world"], " / ".join(common.mib(x) for x in r.get("peak_rss_estimation", r["peak_rss"])),
                " / ".join(common.mib(x) for x in r.get("accumulators", [0] * r["world"]))]
         rows.append(row + ([" / ".join(common.mib(x) for x in r.get("peak_gpu_estimation", r["peak_gpu"]))]
@@ -250,7 +258,7 @@ def report(args, res: dict[str, dict]) -> dict:
     summary = {"estimation per micro-batch / training step": est_ratio, "SVD phase / estimation": svd_share,
                "estimation peak - (training peak + accumulators), MiB": headroom / 2**20,
                "all-reduce-everywhere peak - owner-sharded peak, MiB": above / 2**20}
-    print(f"\nestimation per micro-batch / training step: {est_ratio:.2f} (target <= 1.6)")
+    print(f"\nestimation per micro-batch / training step: {est_ratio:.2f} (target <= 1.3)")
     print(f"SVD phase / estimation: {100 * svd_share:.1f}% (target <= 10%)", end="")
     if w1:
         key = f"SVD phase, {owner['world']} ranks / 1 rank"
