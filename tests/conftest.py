@@ -9,6 +9,12 @@ from lorasb_ds.ranks import free_port  # noqa: F401  (tests take it from here)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+BIN = os.path.dirname(sys.executable)
+# Every launch finds this environment's tools first (deepspeed, mpirun, ninja), as under an activated
+# virtual environment. DeepSpeed JIT-builds its CPU shared-memory op with the first ninja on PATH; with
+# the environment's ninja first in some tests only, two ninja versions alternated and each switch rebuilt
+# the op (25-30 s, seen as a slow first launch of a test module).
+os.environ["PATH"] = BIN + os.pathsep + os.environ.get("PATH", "")
 
 
 def run_command(cmd: list[str], timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -23,8 +29,6 @@ def run_command(cmd: list[str], timeout: int = 600, env: dict | None = None) -> 
 
 # --------------------------------------------------------------------------- multi-process launches
 # The one place that builds launcher commands; every multi-process test is marked ``slow``.
-
-BIN = os.path.dirname(sys.executable)
 
 
 def tool(name: str, hint: str) -> str:
