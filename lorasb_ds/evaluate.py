@@ -459,7 +459,7 @@ def _evaluate(s: EvalSettings, examples: list[list[Example]], adapter_meta: dict
                            time.time() - started)
         _write_outputs(out, PREDICTIONS_FILE if s.task == "glue" else GENERATIONS_FILE, rows, summary)
         if s.task == "glue":
-            scores = ", ".join(f"{k} {v:.4f}" for k, v in summary["metrics"].items())
+            scores = ", ".join(f"{metric} {value:.4f}" for metric, value in summary["metrics"].items())
             print(f"[lorasb] eval: glue {s.glue_task} on {summary['rows']} rows: {scores}; written to {out}",
                   flush=True)
         else:
