@@ -41,6 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 from lorasb_ds.config import LoraSBConfig  # noqa: E402
+from lorasb_ds.estimate import bucket_bytes  # noqa: E402
 
 VARIANTS = ["train", "owner", "owner_per_module", "allreduce", "owner_w1"]
 
@@ -80,8 +81,7 @@ def worker(args, variant: str) -> dict:
     import torch
 
     from lorasb_ds.config import LoraSBConfig
-    from lorasb_ds.estimate import (OwnerReducer, assign_owners, bucket_bytes, estimate_gradients,
-                                    weighted_estimation_batches)
+    from lorasb_ds.estimate import OwnerReducer, assign_owners, estimate_gradients, weighted_estimation_batches
     from lorasb_ds.init import apply_inits, broadcast_inits, init_from_gradient
     from lorasb_ds.surgery import wrap_targets
 
@@ -215,8 +215,6 @@ def variants(args) -> list[str]:
 
 
 def report(args, res: dict[str, dict]) -> dict:
-    from lorasb_ds.estimate import bucket_bytes
-
     train, owner, allred, w1 = res["train"], res["owner"], res["allreduce"], res.get("owner_w1")
     per_module = res.get("owner_per_module")
     bucketed = f"owner-sharded, {args.bucket_mb:g} MB buckets"

@@ -23,9 +23,9 @@ What it does:
    validation split; the best strict accuracy wins (ties: flexible accuracy, then final training loss).
    The test split plays no part in the choice. The other seeds are trained at the chosen lr.
 5. **Test**: every kept run (and the base model) by ``lorasb eval --task gsm8k`` on the test split and
-   on test_seen (both in one launch): strict (the number after the last ``####`` or ``The answer is:``) and flexible (the last
-   number). The test split measures carrying the arithmetic to unseen stories, test_seen learning it in
-   the stories trained on.
+   on test_seen (both in one launch): strict (the number after the last ``####`` or ``The answer is:``)
+   and flexible (the last number). The test split measures carrying the arithmetic to unseen stories,
+   test_seen learning it in the stories trained on.
 6. **Cache**: each finished run's results go to ``--results/runs/NAME.json`` as soon as they exist,
    with the settings that made them; a rerun with the same settings reads them instead of training
    again, so the study can be done in several sittings.

@@ -27,9 +27,9 @@ What it does, in order:
 4. **Sharding**: started by ``torchrun``, the ``deepspeed`` runner, ``mpirun`` or ``srun`` (ranks found
    as for training, ``ranks.py``), rank k generates rows k, k + world, k + 2 world, ...
    Generation needs no communication; afterwards every rank makes exactly one ``gather_object`` to
-   rank 0 (the rows of every data file) and one ``broadcast_object_list`` of the outcome (gloo: only Python objects travel), so a
-   rank with fewer rows, or none, cannot make the others hang, and an error on any rank is reported
-   by all. A single process needs no launcher.
+   rank 0 (the rows of every data file) and one ``broadcast_object_list`` of the outcome (gloo: only
+   Python objects travel), so a rank with fewer rows, or none, cannot make the others hang, and an
+   error on any rank is reported by all. A single process needs no launcher.
 5. **Outputs** (rank 0), per data file in its ``--out``: ``generations.jsonl`` (``predictions.jsonl``
    for GLUE; one line per row, in data order) and ``summary.json``.
 
@@ -427,7 +427,8 @@ def _evaluate(s: EvalSettings, examples: list[list[Example]], adapter_meta: dict
               started: float) -> list[dict] | None:
     """Load the model once, then score every data file's share of rows of this rank (``examples``: one
     list per data file); one gather of all of it to rank 0, which writes each file's outputs."""
-    payload = {"rank": rank, "error": None, "rows": [[] for _ in examples], "seconds": [0.0 for _ in examples]}
+    payload = {"rank": rank, "error": None, "rows": [[] for _ in examples]}
+    seconds = [0.0 for _ in examples]  # rank 0's own, for its summaries
     device = pick_device(s)
     dtype = pick_dtype(s, device)
     try:
@@ -437,12 +438,14 @@ def _evaluate(s: EvalSettings, examples: list[list[Example]], adapter_meta: dict
             print(f"[lorasb] eval: note: the adapter was trained on {trained_on}, evaluated on {evaluated_on}",
                   flush=True)
         for k, split in enumerate(examples):
+            if rank == 0:
+                of_file = f" of {s.data[k]}" if len(s.data) > 1 else ""
+                print(f"[lorasb] eval: {s.task}, {len(split)} rows{of_file} on {world} rank(s), batch "
+                      f"{s.batch_size}, max_new_tokens {s.max_new_tokens}, {device} "
+                      f"{str(dtype).removeprefix('torch.')}", flush=True)
             t0 = time.time()
-            of_file = f" of {s.data[k]}" if len(s.data) > 1 else ""
-            payload["rows"][k] = _score_rows(s, model, tokenizer, split[rank::world], device, rank,
-                                             f"{len(split)} rows{of_file} on {world} rank(s)",
-                                             f"{device} {str(dtype).removeprefix('torch.')}")
-            payload["seconds"][k] = time.time() - t0
+            payload["rows"][k] = _score_rows(s, model, tokenizer, split[rank::world], device, rank)
+            seconds[k] = time.time() - t0
     except ConfigError as e:
         payload["error"] = {"rank": rank, "config": True, "message": str(e)}
     except Exception as e:  # reported through the collectives, so no rank waits for a failed one
@@ -455,8 +458,7 @@ def _evaluate(s: EvalSettings, examples: list[list[Example]], adapter_meta: dict
     summaries = []
     for k, (data, out) in enumerate(zip(s.data, s.out)):
         rows = sorted((row for p in gathered for row in p["rows"][k]), key=lambda row: row["index"])
-        summary = _summary(s, data, rows, adapter_meta, world, device, dtype, payload["seconds"][k],
-                           time.time() - started)
+        summary = _summary(s, data, rows, adapter_meta, world, device, dtype, seconds[k], time.time() - started)
         _write_outputs(out, PREDICTIONS_FILE if s.task == "glue" else GENERATIONS_FILE, rows, summary)
         if s.task == "glue":
             scores = ", ".join(f"{metric} {value:.4f}" for metric, value in summary["metrics"].items())
@@ -470,12 +472,9 @@ def _evaluate(s: EvalSettings, examples: list[list[Example]], adapter_meta: dict
     return summaries
 
 
-def _score_rows(s: EvalSettings, model, tokenizer, mine: list[Example], device: torch.device, rank: int,
-                what: str, where: str) -> list[dict]:
+def _score_rows(s: EvalSettings, model, tokenizer, mine: list[Example], device: torch.device,
+                rank: int) -> list[dict]:
     """This rank's rows of one data file, generated and scored (or classified, GLUE)."""
-    if rank == 0:
-        print(f"[lorasb] eval: {s.task}, {what}, batch {s.batch_size}, max_new_tokens {s.max_new_tokens}, {where}",
-              flush=True)
 
     def progress(done: int, total: int) -> None:
         if rank == 0 and (done == total or done % 10 == 0):

@@ -536,13 +536,18 @@ HEADROOM = 0.10
 """Share of device memory a plan leaves for what it does not count (CUDA context, NCCL, fragmentation)."""
 
 
+def usable_bytes(device_memory_gb: float, headroom: float = HEADROOM) -> float:
+    """What a plan may take of ``device_memory_gb`` per rank: a plan fits when its peak is within it."""
+    return device_memory_gb * GB * (1 - headroom)
+
+
 def fewest_passes(plan: Plan, device_memory_gb: float, headroom: float = HEADROOM) -> Plan | None:
     """The plan with the fewest estimation passes whose estimation peak fits, and among those the
     smallest accumulator budget (the most even groups); None when even one module at a time does not
     fit. Budgets are multiples of 0.1 GB, so that one can be set as ``lorasb.est_max_accum_gb`` as
     printed."""
     step = 10 ** 8
-    room = device_memory_gb * GB * (1 - headroom) - (plan.estimation_peak - plan.owner_accumulator_max)
+    room = usable_bytes(device_memory_gb, headroom) - (plan.estimation_peak - plan.owner_accumulator_max)
     low = math.ceil(FP32 * max(o * i for o, i in plan.model.shapes.values()) / step)
     high = math.floor(room / step)
     if high < low:
@@ -563,7 +568,7 @@ def check_fit(plan: Plan, device_memory_gb: float, headroom: float = HEADROOM) -
 
     The headroom covers what the plan does not count (CUDA context, NCCL, fragmentation).
     """
-    budget = device_memory_gb * GB * (1 - headroom)
+    budget = usable_bytes(device_memory_gb, headroom)
     if plan.peak <= budget:
         return []
     s = plan.settings
@@ -609,17 +614,18 @@ class Fit:
 def fit_on_device(plan: Plan, device_memory_gb: float, budget_set: bool) -> Fit:
     """Judge ``plan`` on ``device_memory_gb`` per rank. ``budget_set``: ``lorasb.est_max_accum_gb`` was
     given, so the passes are the user's; otherwise the estimation takes the fewest passes that fit."""
+    budget = usable_bytes(device_memory_gb)
     passes_note = ""
-    if not budget_set and check_fit(plan, device_memory_gb):
+    if not budget_set and plan.peak > budget:
         grouped = fewest_passes(plan, device_memory_gb)
-        if grouped is not None and not check_fit(grouped, device_memory_gb):
+        if grouped is not None and grouped.peak <= budget:
             plan = grouped
             passes_note = (f"; the estimation in {grouped.est_passes} passes: set lorasb.est_max_accum_gb="
                            f"{gb(grouped.settings.est_max_accum_bytes)}")
-    knobs = check_fit(plan, device_memory_gb)
     threshold = f"{device_memory_gb * (1 - HEADROOM):.2f} GB ({device_memory_gb:g} GB less {HEADROOM:.0%} headroom)"
-    if not knobs:
+    if plan.peak <= budget:
         return Fit(plan, True, [f"fits: peak {plan.peak / 1e9:.2f} GB per rank within {threshold}{passes_note}"])
+    knobs = check_fit(plan, device_memory_gb)
     return Fit(plan, False, [f"does NOT fit: peak {plan.peak / 1e9:.2f} GB per rank > {threshold}. "
                              "Knobs, largest effect first:", *(f"  - {knob}" for knob in knobs)])
 

@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import BIN, REPO, deepspeed_cmd, mpirun_cmd, torchrun_cmd
+from conftest import REPO, deepspeed_cmd, mpirun_cmd, torchrun_cmd
 
 pytestmark = pytest.mark.slow
 
@@ -32,8 +32,7 @@ BITWISE = {}  # launcher -> whether its adapter equals the reference bit for bit
 
 
 def env(**extra) -> dict:
-    return dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
-                PATH=BIN + os.pathsep + os.environ.get("PATH", ""), **extra)
+    return dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
 
 
 def run(cmd, timeout=TIMEOUT, check=True, **env_extra) -> subprocess.CompletedProcess:
