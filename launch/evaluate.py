@@ -6,7 +6,7 @@ Arguments are those of ``lorasb eval`` (see ``lorasb eval --help``). Runs with p
 
 import sys
 
-from lorasb_ds.cli import main
+from lorasb_ds.cli import entry
 
 if __name__ == "__main__":
-    sys.exit(main(["eval", *sys.argv[1:]]))
+    sys.exit(entry(["eval", *sys.argv[1:]]))

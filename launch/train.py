@@ -5,7 +5,7 @@ Arguments are those of ``lorasb train`` (see ``lorasb train --help``).
 
 import sys
 
-from lorasb_ds.cli import main
+from lorasb_ds.cli import entry
 
 if __name__ == "__main__":
-    sys.exit(main(["train", *sys.argv[1:]]))
+    sys.exit(entry(["train", *sys.argv[1:]]))
