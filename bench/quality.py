@@ -21,7 +21,8 @@ What it does:
    and ``bench/quality.yaml``.
 4. **Learning rate**: each method's lrs (``SWEEP_LR``) are trained on the first seed and scored on the
    validation split; the best strict accuracy wins (ties: flexible accuracy, then final training loss).
-   The test split plays no part in the choice. The other seeds are trained at the chosen lr.
+   The test split plays no part in the choice. The other seeds are trained at the chosen lr. A method
+   given one lr has no choice to make: its run is scored on validation, test and test_seen in one launch.
 5. **Test**: every kept run (and the base model) by ``lorasb eval --task gsm8k`` on the test split and
    on test_seen (both in one launch): strict (the number after the last ``####`` or ``The answer is:``)
    and flexible (the last number). The test split measures carrying the arithmetic to unseen stories,
@@ -285,12 +286,11 @@ class Study:
             self.store(run)
             if run["status"] != "ok":
                 return
-        # --limit is one for the launch: the validation rows go alone (the lr choice comes before the tests)
-        rows = a.val_rows if splits == ["validation"] else a.test_rows
         outs = [rel(os.path.join(a.workdir, "eval", f"{run['name']}_{split}")) for split in splits]
+        limits = [str(a.val_rows if split == "validation" else a.test_rows) for split in splits]
         args = ["--task", "gsm8k", "--data", *(self.split[split] for split in splits), "--model", self.model,
                 "--out", *outs, "--prompt_template", "chat", "--max_new_tokens", str(a.max_new_tokens),
-                "--batch_size", str(a.eval_batch), "--limit", str(rows)]
+                "--batch_size", str(a.eval_batch), "--limit", *limits]
         if run["method"] != "base":
             args += ["--adapter", os.path.join(run["output_dir"], "adapter")]
         what = f"{run['name']} on {', '.join(splits)}"
@@ -480,8 +480,11 @@ def main(argv: list[str] | None = None) -> int:
     for method in methods:
         log(f"[quality] {method}: sweep {lrs[method]} on seed {seeds[0]}")
         sweep = [study.train(method, lr, seeds[0]) for lr in lrs[method]]
+        # the test splits wait for the choice on validation; a sweep of one lr has chosen already, and its run
+        # is scored on all three in one launch
+        splits = ("validation",) if len(sweep) > 1 else ("validation", "test", "test_seen")
         for run in sweep:
-            if run["status"] == "ok" and study.evaluate(run, ("validation",))["validation"] is None \
+            if run["status"] == "ok" and study.evaluate(run, splits)["validation"] is None \
                     and not args.report_only:
                 failed.append(run["name"])
         sweeps[method] = sweep

@@ -138,7 +138,8 @@ def add_eval_parser(sub) -> None:
                      help="greedy tokens generated per row (default: %(default)s)")
     gen.add_argument("--batch_size", type=int, default=8, help="prompts per generate call per rank "
                                                                "(default: %(default)s)")
-    gen.add_argument("--limit", type=int, default=0, help="evaluate only the first N rows (0: all)")
+    gen.add_argument("--limit", type=int, nargs="+", default=[0], metavar="N",
+                     help="evaluate only the first N rows (0: all); one N for every --data file, or one per file")
     where = ev.add_argument_group("device and processes")
     where.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                        help="model dtype (auto: bf16 on a GPU that supports it, else fp32)")

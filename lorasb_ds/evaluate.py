@@ -194,7 +194,7 @@ class EvalSettings:
     glue_task: str | None = None
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     batch_size: int = 8
-    limit: int = 0
+    limit: int | list[int] = 0  # the first N rows of every file (0: all), or one N per data file
     dtype: str = "auto"
     device: str = "auto"
     dist_timeout_minutes: float = 60.0
@@ -204,6 +204,9 @@ class EvalSettings:
     def __post_init__(self):
         self.data = [self.data] if isinstance(self.data, str) else list(self.data)
         self.out = [self.out] if isinstance(self.out, str) else list(self.out)
+        self.limit = [self.limit] if isinstance(self.limit, int) else list(self.limit)
+        if len(self.limit) == 1:
+            self.limit = self.limit * len(self.data)
 
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -217,7 +220,7 @@ def check_settings(s: EvalSettings) -> None:
     if s.task == "glue":
         glue.task_of(s.glue_task, "--glue_task")
     for name, value, low in (("--max_new_tokens", s.max_new_tokens, 1), ("--batch_size", s.batch_size, 1),
-                             ("--limit", s.limit, 0)):
+                             ("--limit", min(s.limit), 0)):
         if value < low:
             raise ConfigError(f"{name} must be at least {low}, got {value}")
     if s.dtype != "auto" and s.dtype not in _DTYPES:
@@ -242,6 +245,9 @@ def check_settings(s: EvalSettings) -> None:
     if len(s.out) != len(s.data):
         raise ConfigError(f"--data names {len(s.data)} file(s) but --out {len(s.out)} director(y/ies): give one "
                           "--out directory per --data file, in the same order")
+    if len(s.limit) != len(s.data):
+        raise ConfigError(f"--data names {len(s.data)} file(s) but --limit gives {len(s.limit)} numbers: give one "
+                          "--limit for every file, or one per --data file, in the same order")
     if len({os.path.abspath(o) for o in s.out}) != len(s.out):
         raise ConfigError(f"--out {' '.join(s.out)}: a directory named twice; each data file needs its own")
     for out in s.out:
@@ -401,7 +407,7 @@ def run_eval(s: EvalSettings) -> list[dict] | None:
     started = time.time()
     check_settings(s)
     rank, world = join_launch()
-    examples = [load_examples(s.task, path, s.limit, s.glue_task) for path in s.data]
+    examples = [load_examples(s.task, path, limit, s.glue_task) for path, limit in zip(s.data, s.limit)]
     from .files import load_adapter
 
     # the files are checked before anything heavy starts; no adapter: the base model alone
@@ -458,7 +464,8 @@ def _evaluate(s: EvalSettings, examples: list[list[Example]], adapter_meta: dict
     summaries = []
     for k, (data, out) in enumerate(zip(s.data, s.out)):
         rows = sorted((row for p in gathered for row in p["rows"][k]), key=lambda row: row["index"])
-        summary = _summary(s, data, rows, adapter_meta, world, device, dtype, seconds[k], time.time() - started)
+        summary = _summary(s, data, s.limit[k], rows, adapter_meta, world, device, dtype, seconds[k],
+                           time.time() - started)
         _write_outputs(out, PREDICTIONS_FILE if s.task == "glue" else GENERATIONS_FILE, rows, summary)
         if s.task == "glue":
             scores = ", ".join(f"{metric} {value:.4f}" for metric, value in summary["metrics"].items())
@@ -498,13 +505,13 @@ def _builtin_name(s: EvalSettings) -> str:
     return builtin_name("seq_cls" if s.task == "glue" else "causal_lm")
 
 
-def _summary(s: EvalSettings, data: str, rows: list[dict], adapter_meta: dict, world: int, device: torch.device,
-             dtype: torch.dtype, gen_seconds: float, seconds: float) -> dict:
+def _summary(s: EvalSettings, data: str, limit: int, rows: list[dict], adapter_meta: dict, world: int,
+             device: torch.device, dtype: torch.dtype, gen_seconds: float, seconds: float) -> dict:
     n = len(rows)
     common = {"model": s.model or _builtin_name(s), "adapter": os.path.abspath(s.adapter) if s.adapter else None,
               "adapter_model": adapter_meta.get("model"), "adapter_init_id": adapter_meta.get("init_id"),
               "r": adapter_meta.get("r"), "method": adapter_meta.get("method"), "batch_size": s.batch_size,
-              "limit": s.limit, "world_size": world, "device": device.type,
+              "limit": limit, "world_size": world, "device": device.type,
               "dtype": str(dtype).removeprefix("torch."), "seconds": round(seconds, 3)}
     if s.task == "glue":
         task = glue.task_of(s.glue_task)

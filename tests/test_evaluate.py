@@ -383,6 +383,19 @@ def test_several_data_files_in_one_call_score_as_each_alone(e2e, tmp_path):
         assert summary["correct_strict"] == expected["correct_strict"]
 
 
+def test_limit_per_data_file(e2e, tmp_path):
+    """--limit 4 2: the first 4 rows of A and the first 2 of B, as each file alone would give them."""
+    first3 = tmp_path / "first3.jsonl"
+    first3.write_text("".join(json.dumps(r) + "\n" for r in GSM8K_ROWS[:3]))
+    assert cli_main(["eval", *EVAL_ARGS, "--data", e2e["data"], str(first3), "--adapter", e2e["adapter"],
+                     "--out", str(tmp_path / "a"), str(tmp_path / "b"), "--limit", "4", "2"]) == 0
+    every_row = read_jsonl(e2e["out"] / "generations.jsonl")
+    for name, limit in (("a", 4), ("b", 2)):
+        assert read_jsonl(tmp_path / name / "generations.jsonl") == every_row[:limit]
+        summary = json.loads((tmp_path / name / "summary.json").read_text())
+        assert summary["rows"] == summary["limit"] == limit
+
+
 def launcher_cmd(launcher: str, script: str) -> list[str]:
     return {"torchrun": torchrun_cmd, "mpirun": mpirun_cmd}[launcher](script)
 
@@ -448,7 +461,12 @@ def test_eval_errors(e2e, tmp_path, capsys):
     err = run_cli_error(capsys, [*base[:4], "--out", str(tmp_path / "o"), str(tmp_path / "o"),
                                  "--data", e2e["data"], e2e["data"]])
     assert "a directory named twice" in err
-    assert not os.path.exists(tmp_path / "o")  # nothing was written
+    err = run_cli_error(capsys, [*base[:4], "--out", str(tmp_path / "o"), str(tmp_path / "p"),
+                                 "--data", e2e["data"], e2e["data"], "--limit", "1", "2", "3"])
+    assert "--data names 2 file(s) but --limit gives 3 numbers" in err
+    err = run_cli_error(capsys, [*base, "--data", e2e["data"], "--limit", "-1"])
+    assert "--limit must be at least 0" in err
+    assert not os.path.exists(tmp_path / "o") and not os.path.exists(tmp_path / "p")  # nothing was written
 
 
 def test_eval_model_directory_and_misfit(e2e, tmp_path, capsys):
