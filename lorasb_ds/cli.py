@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry(argv: list[str] | None = None) -> int:
-    """``main`` in a process of its own (the ``lorasb`` command, ``launch/*.py``), which ends when it returns.
+    """``main`` in a process of its own (``lorasb``, ``python -m lorasb_ds.cli``, ``launch/*.py``), ended on return.
 
     ``gc.freeze()`` first: the interpreter's shutdown would otherwise walk every object that torch,
     transformers and DeepSpeed made at import, about a second on every rank of every run. Frozen, they
@@ -288,4 +288,4 @@ def plan(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())
