@@ -240,15 +240,9 @@ def train(args: argparse.Namespace) -> None:
                           "--dry_run only (a run does not read it)")
     cfg = load_run_config(args.config, overrides)
     ds_config = load_ds_config(args.ds_config)
-    from .ranks import end_process_group
     from .train import run  # DeepSpeed is imported only for training
 
-    try:
-        run(cfg, ds_config, dry=args.dry_run, device_memory_gb=args.device_memory_gb)
-    except SystemExit:  # stopped by a signal: every rank checkpointed and passed the last barrier
-        end_process_group()
-        raise
-    end_process_group()
+    run(cfg, ds_config, dry=args.dry_run, device_memory_gb=args.device_memory_gb)
 
 
 def evaluate(args: argparse.Namespace) -> None:

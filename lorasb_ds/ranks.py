@@ -588,17 +588,6 @@ def release_shm_buffer(layout: RankLayout) -> None:
         pass
 
 
-def end_process_group() -> None:
-    """Destroy the process group, if one is running; call it where every rank ends cleanly.
-
-    Destroying it joins the backend's threads while Python is still whole. Left to the interpreter's
-    shutdown, a gloo thread that frees a tensor after the interpreter began to finalize aborts the
-    process ("terminate called without an active exception", exit 134), after the run's files are
-    written."""
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-
-
 def join_launch() -> tuple[int, int]:
     """(rank, world size) of a process that starts its own gloo group later (evaluation): as ``discover``
     finds them, whatever started the process ((0, 1) for none); the rendezvous variables are exported."""
