@@ -40,6 +40,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
+from lorasb_ds.cli import exit_process  # noqa: E402
 from lorasb_ds.config import LoraSBConfig  # noqa: E402
 from lorasb_ds.estimate import bucket_bytes  # noqa: E402
 
@@ -308,3 +309,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_process(0)  # as launch/train.py ends: see lorasb_ds.cli.exit_process

@@ -9,4 +9,4 @@ import sys
 from lorasb_ds.cli import entry
 
 if __name__ == "__main__":
-    sys.exit(entry(["eval", *sys.argv[1:]]))
+    entry(["eval", *sys.argv[1:]])

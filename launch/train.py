@@ -8,4 +8,4 @@ import sys
 from lorasb_ds.cli import entry
 
 if __name__ == "__main__":
-    sys.exit(entry(["train", *sys.argv[1:]]))
+    entry(["train", *sys.argv[1:]])

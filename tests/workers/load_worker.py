@@ -21,6 +21,7 @@ import deepspeed
 import torch
 from safetensors.torch import save_file
 
+from lorasb_ds.cli import exit_process
 from lorasb_ds.config import ModelConfig
 from lorasb_ds.ranks import init_distributed
 from lorasb_ds.modeling import load_model
@@ -86,3 +87,5 @@ for job in jobs:
     with open(os.path.join(out, f"{tag}.rank{rank}.json"), "w") as f:
         json.dump(report, f)
     del model, params
+
+exit_process(0)  # as launch/train.py ends: see lorasb_ds.cli.exit_process

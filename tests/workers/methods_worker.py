@@ -14,6 +14,7 @@ import sys
 
 import torch.distributed
 
+from lorasb_ds.cli import exit_process
 from lorasb_ds.config import load_run_config
 from lorasb_ds.train import run
 
@@ -44,3 +45,5 @@ for method in methods:
             shutil.rmtree(os.path.join(run_dir, "checkpoints", "step00000003"))
         torch.distributed.barrier()
         run(settings(method, "train.resume=auto"), ds_config)
+
+exit_process(0)  # as launch/train.py ends: see lorasb_ds.cli.exit_process

@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 
 import lorasb_ds.modeling
 import lorasb_ds.train
-from lorasb_ds.cli import main
+from lorasb_ds.cli import entry
 
 dump_dir, train_args = sys.argv[1], sys.argv[2:]
 loaded_partitioned = []
@@ -79,4 +79,4 @@ original_train_loop = lorasb_ds.train.train_loop
 lorasb_ds.modeling.load_partitioned = recording_load_partitioned
 lorasb_ds.train.train_loop = dumping_train_loop
 os.makedirs(dump_dir, exist_ok=True)
-sys.exit(main(["train", *train_args]))
+entry(["train", *train_args])

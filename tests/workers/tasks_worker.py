@@ -8,6 +8,7 @@ CASES.json: ``[{"overrides": [...]}, ...]``, each with its own ``train.output_di
 import json
 import sys
 
+from lorasb_ds.cli import exit_process
 from lorasb_ds.config import load_run_config
 from lorasb_ds.train import run
 
@@ -19,3 +20,5 @@ ds_config = {
 }
 for case in json.load(open(sys.argv[1])):
     run(load_run_config(None, case["overrides"]), ds_config)
+
+exit_process(0)  # as launch/train.py ends: see lorasb_ds.cli.exit_process

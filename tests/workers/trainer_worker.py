@@ -15,6 +15,7 @@ import torch.distributed as dist
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 import lorasb_ds
+from lorasb_ds.cli import exit_process
 from lorasb_ds.data import collate, synthetic_math_rows
 from lorasb_ds.modeling import TINY_LLAMA_DIR, tiny_tokenizer
 
@@ -64,3 +65,5 @@ if rank == 0:
                    "trained_names": sorted(n for n, p in model.named_parameters() if p.requires_grad),
                    "global_step": trainer.state.global_step}, f)
 dist.barrier()
+
+exit_process(0)  # as launch/train.py ends: see lorasb_ds.cli.exit_process

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
+from lorasb_ds.cli import exit_process
 from lorasb_ds.config import load_run_config
 from lorasb_ds.estimate import (OwnerReducer, bucket_bytes, estimate_gradients, estimation_groups, layer_shapes,
                                 weighted_estimation_batches)
@@ -118,3 +119,5 @@ save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, os.path.join(ou
 with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
     json.dump(report, f)
 dist.barrier()
+
+exit_process(0)  # as launch/train.py ends: see lorasb_ds.cli.exit_process
