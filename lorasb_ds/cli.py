@@ -20,6 +20,7 @@ import atexit
 import os
 import sys
 import textwrap
+import threading
 from typing import NoReturn
 
 from .config import ConfigError, LoraSBConfig, load_ds_config, load_run_config
@@ -229,8 +230,9 @@ def entry(argv: list[str] | None = None) -> NoReturn:
 
 
 def exit_process(code: int | str | None) -> NoReturn:
-    """End this process with ``code`` (what ``sys.exit`` takes) after the atexit functions, with standard
-    output and error flushed, and without the interpreter's shutdown.
+    """End this process with ``code`` (what ``sys.exit`` takes): do what the interpreter's shutdown does
+    first (wait for the threads that are not daemons, run the atexit functions), flush standard output and
+    error, and leave without the rest of the shutdown.
 
     The shutdown ends every other thread that asks for the GIL, mid-way. A gloo worker thread still
     freeing the tensors of the last collective then aborts the process ("terminate called without an
@@ -241,7 +243,10 @@ def exit_process(code: int | str | None) -> NoReturn:
     if isinstance(code, str):
         print(code, file=sys.stderr)
         code = 1
-    atexit._run_exitfuncs()  # what the shutdown would have run first (logging, tensorboard, tqdm)
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()  # logging's flush among them
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code or 0)
