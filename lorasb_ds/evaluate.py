@@ -220,7 +220,7 @@ def check_settings(s: EvalSettings) -> None:
     if s.task == "glue":
         glue.task_of(s.glue_task, "--glue_task")
     for name, value, low in (("--max_new_tokens", s.max_new_tokens, 1), ("--batch_size", s.batch_size, 1),
-                             ("--limit", min(s.limit), 0)):
+                             ("--limit", min(s.limit, default=0), 0)):
         if value < low:
             raise ConfigError(f"{name} must be at least {low}, got {value}")
     if s.dtype != "auto" and s.dtype not in _DTYPES:
