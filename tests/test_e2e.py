@@ -1,5 +1,7 @@
-"""End to end through the real ``deepspeed`` runner: 2 CPU processes, ZeRO-3, the built-in default
-(and the same model saved to disk and loaded partitioned)."""
+"""End to end at 2 CPU processes, ZeRO-3, the built-in default: README's command through the real
+``deepspeed`` runner, then runs that change one thing from it (an init file, estimation in passes,
+ZeRO-2, the same model saved to disk and loaded partitioned) through torchrun, which starts the same
+ranks in less time (tests/test_launchers.py shows both launchers give the same adapter)."""
 
 import json
 import os
@@ -16,9 +18,9 @@ pytestmark = pytest.mark.slow
 SMALL = ["train.max_steps=4", "data.builtin_size=200"]
 
 
-def deepspeed_train(out, *extra, ds_config="ds_configs/zero3.json", port=None):
-    return run_command(deepspeed_cmd("launch/train.py", "--ds_config", ds_config, "--output_dir", str(out), *SMALL,
-                                     *extra, port=port))
+def train(out, *extra, ds_config="ds_configs/zero3.json"):
+    """A run that changes one thing from ``first_run``: through torchrun."""
+    return torchrun(2, "launch/train.py", "--ds_config", ds_config, "--output_dir", str(out), *SMALL, *extra)
 
 
 def metrics(out):
@@ -39,7 +41,8 @@ def first_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("e2e")
     port = free_port()
     before = shm_buffers(port)
-    proc = deepspeed_train(out, port=port)
+    proc = run_command(deepspeed_cmd("launch/train.py", "--ds_config", "ds_configs/zero3.json", "--output_dir",
+                                     str(out), *SMALL, port=port))
     LEFT_IN_SHM["first_run"] = shm_buffers(port) - before
     return out, proc
 
@@ -86,7 +89,7 @@ def test_tensorboard_has_training_and_estimation_scalars(first_run):
 
 def test_init_file_run_skips_estimation_and_gives_the_same_first_loss(first_run, tmp_path):
     out, _ = first_run
-    proc = deepspeed_train(tmp_path, "--init_file", os.path.join(out, "lorasb_init.safetensors"))
+    proc = train(tmp_path, "--init_file", os.path.join(out, "lorasb_init.safetensors"))
     assert "estimation:" not in proc.stdout
     again = metrics(tmp_path)
     assert again[0]["event"] == "init" and again[0]["estimated"] is False
@@ -99,7 +102,7 @@ def test_estimation_in_passes_under_an_accumulator_budget_gives_the_same_init(fi
     """lorasb.est_max_accum_gb = 400 kB per rank (of about 1.6 MB; the largest G is 197 kB): several
     passes over the estimation batches, and B, A, R come out bitwise the same as in one pass."""
     out, _ = first_run
-    proc = deepspeed_train(tmp_path, "lorasb.est_max_accum_gb=0.0004", "train.max_steps=1")
+    proc = train(tmp_path, "lorasb.est_max_accum_gb=0.0004", "train.max_steps=1")
     passes = int(proc.stdout.split(" passes) in ")[0].rsplit("(", 1)[1])
     assert passes >= 3
     one, grouped = (load_file(os.path.join(d, "lorasb_init.safetensors")) for d in (out, tmp_path))
@@ -108,7 +111,7 @@ def test_estimation_in_passes_under_an_accumulator_budget_gives_the_same_init(fi
 
 def test_zero2_from_the_same_init_file_gives_the_same_first_loss(first_run, tmp_path):
     out, _ = first_run
-    deepspeed_train(tmp_path, "--init_file", os.path.join(out, "lorasb_init.safetensors"),
+    train(tmp_path, "--init_file", os.path.join(out, "lorasb_init.safetensors"),
                     ds_config="ds_configs/zero2.json")
     first = [r["loss"] for r in metrics(out) if "step" in r]
     zero2 = [r["loss"] for r in metrics(tmp_path) if "step" in r]
@@ -124,8 +127,7 @@ def test_bf16_with_activation_checkpointing_trains_R(tmp_path):
     ds_path = tmp_path / "bf16.json"
     ds_path.write_text(json.dumps(ds))
     out = tmp_path / "run"
-    torchrun(2, "launch/train.py", "--ds_config", str(ds_path), "--output_dir", str(out), *SMALL,
-             "train.max_steps=3", "lorasb.est_samples=6", "model.gradient_checkpointing=true")
+    train(out, "train.max_steps=3", "lorasb.est_samples=6", "model.gradient_checkpointing=true", ds_config=str(ds_path))
     losses = [r["loss"] for r in metrics(out) if "step" in r]
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
     trained = load_file(os.path.join(out, "adapter", "lorasb_adapter.safetensors"))
@@ -141,7 +143,7 @@ def test_the_builtin_model_saved_and_loaded_partitioned_trains_the_same(first_ru
     model_dir = tmp_path / "model"
     tiny_llama().save_pretrained(model_dir, max_shard_size="500KB")
     tiny_tokenizer().save_pretrained(model_dir)
-    proc = deepspeed_train(tmp_path / "run", f"model.name_or_path={model_dir}")
+    proc = train(tmp_path / "run", f"model.name_or_path={model_dir}")
     assert "[lorasb] warning" not in proc.stdout  # not the from_pretrained fallback
     builtin = [r["loss"] for r in metrics(first_run[0]) if "step" in r]
     loaded = [r["loss"] for r in metrics(tmp_path / "run") if "step" in r]
