@@ -29,15 +29,21 @@ def problems(tmp_path_factory):
     return str(path)
 
 
-def test_eval_prompt_is_the_training_prompt_under_the_real_chat_template(smollm_dir, problems, tmp_path):
+@pytest.fixture(scope="module")
+def one_rank(smollm_dir, problems, tmp_path_factory):
+    """``lorasb eval`` of the problems in this process (one rank): its output folder."""
+    out = tmp_path_factory.mktemp("one_rank")
+    assert cli_main(["eval", *EVAL, "--data", problems, "--model", smollm_dir, "--out", str(out)]) == 0
+    return out
+
+
+def test_eval_prompt_is_the_training_prompt_under_the_real_chat_template(smollm_dir, problems, one_rank):
     from transformers import AutoTokenizer
 
     from lorasb_ds.config import DataConfig
     from lorasb_ds.data import load_rows, tokenize_rows
 
-    out = tmp_path / "one"
-    assert cli_main(["eval", *EVAL, "--data", problems, "--model", smollm_dir, "--out", str(out)]) == 0
-    gens = read_jsonl(out / "generations.jsonl")
+    gens = read_jsonl(one_rank / "generations.jsonl")
     tok = AutoTokenizer.from_pretrained(smollm_dir)
     cfg = DataConfig(path=problems, query_field="question", response_field="answer", prompt_template="chat")
     training, _ = tokenize_rows(load_rows(cfg, 0), tok, cfg)
@@ -46,13 +52,12 @@ def test_eval_prompt_is_the_training_prompt_under_the_real_chat_template(smollm_
         assert tok(g["prompt"], add_special_tokens=False)["input_ids"] == row["input_ids"][:n_prompt]
         assert g["prompt"].startswith("<|im_start|>system\n") and g["prompt"].endswith("<|im_start|>assistant\n")
         assert g["generation"].strip()  # the instruct model answers something
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((one_rank / "summary.json").read_text())
     assert summary["rows"] == ROWS and summary["adapter"] is None
 
 
-def test_two_ranks_generate_what_one_does(smollm_dir, problems, tmp_path):
-    one, two = tmp_path / "one", tmp_path / "two"
-    assert cli_main(["eval", *EVAL, "--data", problems, "--model", smollm_dir, "--out", str(one)]) == 0
+def test_two_ranks_generate_what_one_does(smollm_dir, problems, one_rank, tmp_path):
+    one, two = one_rank, tmp_path / "two"
     torchrun(2, "launch/evaluate.py", *EVAL, "--data", problems, "--model", smollm_dir, "--out", str(two),
              timeout=600)
     a, b = read_jsonl(one / "generations.jsonl"), read_jsonl(two / "generations.jsonl")
