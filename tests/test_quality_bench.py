@@ -19,9 +19,11 @@ def test_quick_study_trains_evaluates_caches_tabulates_and_plots(smollm_dir, tmp
     """Two methods through the real launcher and `lorasb eval`, the base-model row, the table, the claims,
     the JSON and the figure; a rerun reads every run from the cache."""
     results, work = tmp_path / "results", tmp_path / "work"
-    # 2 optimizer steps a run (the quick study's 4 less): a training launch is most of this test's time
-    cmd = [sys.executable, "bench/quality.py", "--quick", "--steps", "2", "--model", str(smollm_dir), "--workdir",
-           str(work), "--results", str(results)]
+    # 2 optimizer steps a run (the quick study's 4 less): a training launch is most of this test's time.
+    # One process a launch: the study's logic is the same at any count, two ranks of SmolLM2 train in
+    # test_real_models.py and generate in test_real_eval.py, and two here cost 1.8x the CPU time.
+    cmd = [sys.executable, "bench/quality.py", "--quick", "--steps", "2", "--nproc", "1", "--model", str(smollm_dir),
+           "--workdir", str(work), "--results", str(results)]
     out = run_command(cmd, timeout=900).stdout
     # 210 targets: r = 96 for LoRA-SB (96^2 each); LoRA r = 32 trains 32 (in + out) per target
     assert "| LoRA-SB | 96 | 1,935,360 | 0.198× | 22.1 MiB | 0.003 | 1 |" in out
