@@ -18,10 +18,13 @@ os.environ["PATH"] = BIN + os.pathsep + os.environ.get("PATH", "")
 
 
 # The full suite runs on pytest-xdist workers, a test file each (-n 2 --dist loadfile --no-loadscope-reorder).
-# The longest files (seconds on 2 cores, from --durations) start first, so that the workers end together;
-# the order of the others, and of the tests within a file, is kept.
-LONGEST_FIRST = ("test_quality_bench.py", "test_launchers.py", "test_real_models.py", "test_e2e.py",
-                 "test_real_eval.py")
+# The files start longest first (their seconds on 2 workers, from --durations: 250 down to 20), so that
+# short files fill in at the end and the workers end together; the order of the others, and of the tests
+# within a file, is kept.
+LONGEST_FIRST = ("test_quality_bench.py", "test_launchers.py", "test_e2e.py", "test_real_models.py",
+                 "test_resume.py", "test_real_eval.py", "test_zero3.py", "test_bench.py", "test_validation.py",
+                 "test_api.py", "test_tasks.py", "test_loading.py", "test_methods.py", "test_evaluate.py",
+                 "test_init_file.py")
 
 
 def pytest_collection_modifyitems(items):

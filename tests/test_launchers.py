@@ -78,10 +78,11 @@ def test_torchrun_reference(reference):
     assert os.path.isfile(os.path.join(reference, ADAPTER))
 
 
-def test_a_60_step_torchrun_run_prints_few_warnings(tmp_path):
-    """torch's deprecation warnings about DeepSpeed's collectives must not print on every step of every rank."""
-    proc = run(torchrun_cmd("launch/train.py", "--ds_config", "ds_configs/zero3.json", "data.builtin_size=600",
-                            "train.max_steps=60", "lorasb.est_samples=6", "--output_dir", str(tmp_path)))
+def test_a_20_step_torchrun_run_prints_few_warnings(tmp_path):
+    """torch's deprecation warnings about DeepSpeed's collectives must not print on every step of every rank
+    (20 steps of 2 ranks: one such warning a step would print 20 lines or more)."""
+    proc = run(torchrun_cmd("launch/train.py", "--ds_config", "ds_configs/zero3.json", "data.builtin_size=200",
+                            "train.max_steps=20", "lorasb.est_samples=6", "--output_dir", str(tmp_path)))
     output = proc.stdout  # stderr merged in
     assert "[lorasb] adapter written to" in output
     warning_lines = [line for line in output.splitlines() if "warning" in line.lower()]
