@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from conftest import REPO, deepspeed_cmd, free_port, run_command, torchrun
 
 pytestmark = pytest.mark.slow
-SMALL = ["train.max_steps=4", "data.builtin_size=200"]
+SMALL = ["train.max_steps=4", "data.builtin_size=200", "lorasb.est_samples=12"]  # 2 estimation micro-batches a rank
 
 
 def train(out, *extra, ds_config="ds_configs/zero3.json"):
