@@ -18,7 +18,7 @@ os.environ["PATH"] = BIN + os.pathsep + os.environ.get("PATH", "")
 
 
 # The full suite runs on pytest-xdist workers, a test file each (-n 2 --dist loadfile --no-loadscope-reorder).
-# The files start longest first (their seconds on 2 workers, from --durations: 250 down to 20), so that
+# The files start longest first (their seconds on 2 workers, from --durations: about 240 down to 10), so that
 # short files fill in at the end and the workers end together; the order of the others, and of the tests
 # within a file, is kept.
 LONGEST_FIRST = ("test_quality_bench.py", "test_launchers.py", "test_e2e.py", "test_real_models.py",
