@@ -240,7 +240,7 @@ def exit_process(code: int | str | None) -> NoReturn:
     Destroying the process group does not join those threads while DeepSpeed references it. The
     shutdown also spends about a second on every rank walking what torch, transformers and DeepSpeed
     made at import."""
-    if isinstance(code, str):
+    if code is not None and not isinstance(code, int):  # as sys.exit: anything else is printed, and fails
         print(code, file=sys.stderr)
         code = 1
     for thread in threading.enumerate():
