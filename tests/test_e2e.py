@@ -1,7 +1,7 @@
 """End to end at 2 CPU processes, ZeRO-3, the built-in default: README's command through the real
 ``deepspeed`` runner, then runs that change one thing from it (an init file, estimation in passes,
-ZeRO-2, the same model saved to disk and loaded partitioned) through torchrun, which starts the same
-ranks in less time (tests/test_launchers.py shows both launchers give the same adapter)."""
+ZeRO-2, the same model saved to disk and loaded partitioned) and a bf16 run through torchrun, which
+starts the same ranks in less time (tests/test_launchers.py shows both launchers give the same adapter)."""
 
 import json
 import os
@@ -19,7 +19,7 @@ SMALL = ["train.max_steps=4", "data.builtin_size=200", "lorasb.est_samples=12"] 
 
 
 def train(out, *extra, ds_config="ds_configs/zero3.json"):
-    """A run that changes one thing from ``first_run``: through torchrun."""
+    """A run of this file other than ``first_run``: through torchrun."""
     return torchrun(2, "launch/train.py", "--ds_config", ds_config, "--output_dir", str(out), *SMALL, *extra)
 
 
@@ -111,8 +111,7 @@ def test_estimation_in_passes_under_an_accumulator_budget_gives_the_same_init(fi
 
 def test_zero2_from_the_same_init_file_gives_the_same_first_loss(first_run, tmp_path):
     out, _ = first_run
-    train(tmp_path, "--init_file", os.path.join(out, "lorasb_init.safetensors"),
-                    ds_config="ds_configs/zero2.json")
+    train(tmp_path, "--init_file", os.path.join(out, "lorasb_init.safetensors"), ds_config="ds_configs/zero2.json")
     first = [r["loss"] for r in metrics(out) if "step" in r]
     zero2 = [r["loss"] for r in metrics(tmp_path) if "step" in r]
     assert abs(first[0] - zero2[0]) <= 1e-5 * abs(first[0])
