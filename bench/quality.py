@@ -208,10 +208,9 @@ class Study:
 
     def store(self, run: dict) -> None:
         os.makedirs(self.cache_dir, exist_ok=True)
-        path = os.path.join(self.cache_dir, f"{run['name']}.json")
-        with open(path + ".tmp", "w") as f:
-            json.dump(run, f, indent=1)
-        os.replace(path + ".tmp", path)
+        from lorasb_ds.files import atomic_write_text
+
+        atomic_write_text(json.dumps(run, indent=1), os.path.join(self.cache_dir, f"{run['name']}.json"))
 
     def train(self, method: str, lr: float, seed: int, again: bool = False) -> dict:
         """Train one run (or read it from the cache, unless ``again``); returns its record."""
@@ -581,9 +580,9 @@ def write_block(path: str, text: str) -> None:
         raise SystemExit(f"{rel(path)}: no {DOCS_BEGIN} marker to write the report at")
     _, end, tail_text = rest.partition(DOCS_END)
     new = f"{head}{DOCS_BEGIN}\n{text}\n{DOCS_END}{tail_text if end else rest}"
-    with open(path + ".tmp", "w") as f:
-        f.write(new)
-    os.replace(path + ".tmp", path)
+    from lorasb_ds.files import atomic_write_text
+
+    atomic_write_text(new, path)
 
 
 def _global_batch(nproc: int) -> int:
